@@ -1,0 +1,115 @@
+//! Storage: PostgreSQL or embedded SQLite for durable data, Redis for sessions.
+//!
+//! Stores know nothing of HTTP. Every call to a shared dependency goes through a
+//! [`guard::Guard`] (timeout + circuit breaker), so the rest of the service sees
+//! a dependency outage as one error, [`StoreError::Unavailable`].
+
+pub mod database;
+pub mod guard;
+pub mod redis;
+
+use std::fmt;
+
+pub use database::Database;
+pub use self::redis::Redis;
+
+/// A shared dependency, as named in health output and metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dependency {
+    Database,
+    Redis,
+}
+
+impl Dependency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Database => "database",
+            Self::Redis => "redis",
+        }
+    }
+}
+
+impl fmt::Display for Dependency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The storage layer's error.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Unreachable, timed out, or short-circuited: try again later.
+    #[error("{0} is unavailable")]
+    Unavailable(Dependency),
+    /// A unique constraint said no; the text names what collided.
+    #[error("already exists: {0}")]
+    Conflict(String),
+    #[error("not found")]
+    NotFound,
+    #[error("database error: {0}")]
+    Database(sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("redis error: {0}")]
+    Redis(::redis::RedisError),
+    /// Stored data that does not decode: a bug or tampering, never user input.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Whether the dependency did not answer (as opposed to answering "no").
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Unavailable(_) => true,
+            Self::Database(e) => matches!(
+                e,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::Protocol(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+            ) || e
+                .as_database_error()
+                .and_then(|d| d.code())
+                // Class 08 (connection exception), 57P (operator intervention:
+                // shutdown, crash), 53 (insufficient resources).
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c.starts_with("53")),
+            Self::Redis(e) => {
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_cluster_error()
+                    || matches!(
+                        e.kind(),
+                        ::redis::ErrorKind::TryAgain
+                            | ::redis::ErrorKind::ClusterDown
+                            | ::redis::ErrorKind::MasterDown
+                            | ::redis::ErrorKind::BusyLoadingError
+                            | ::redis::ErrorKind::ReadOnly
+                    )
+            }
+            _ => false,
+        }
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::RowNotFound => Self::NotFound,
+            sqlx::Error::Database(ref d) if d.is_unique_violation() => {
+                Self::Conflict(d.constraint().unwrap_or("unique").to_owned())
+            }
+            e => Self::Database(e),
+        }
+    }
+}
+
+impl From<::redis::RedisError> for StoreError {
+    fn from(e: ::redis::RedisError) -> Self {
+        Self::Redis(e)
+    }
+}

@@ -1,0 +1,188 @@
+//! The one Redis handle the rest of the service uses: a Redis Cluster client or a
+//! single-node connection manager behind the same calls.
+//!
+//! Both kinds connect lazily (a replica starts while Redis is down and connects
+//! when it returns), reconnect by themselves, and every command runs through the
+//! [`Guard`], so no request waits longer than the dependency timeout.
+
+use std::{sync::Arc, time::Duration};
+
+use redis::{
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    cluster::ClusterClientBuilder,
+    cluster_async::ClusterConnection,
+    Cmd, FromRedisValue, Pipeline, RedisFuture, Value,
+};
+use secrecy::ExposeSecret;
+use tokio::sync::Mutex;
+
+use super::{guard::Guard, Dependency, StoreError};
+use crate::config::RedisConfig;
+
+enum Target {
+    Cluster(redis::cluster::ClusterClient),
+    Single(redis::Client),
+}
+
+/// A live connection of either kind; cheap to clone (both multiplex one socket per
+/// node), and a clone per call means no lock on the hot path.
+#[derive(Clone)]
+pub enum Connection {
+    Cluster(ClusterConnection),
+    Single(ConnectionManager),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Single(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Cluster(c) => c.get_db(),
+            Self::Single(c) => c.get_db(),
+        }
+    }
+}
+
+struct Inner {
+    target: Target,
+    connection: Mutex<Option<Connection>>,
+    guard: Guard,
+}
+
+/// The Redis handle. Cheap to clone.
+#[derive(Clone)]
+pub struct Redis {
+    inner: Arc<Inner>,
+}
+
+impl Redis {
+    /// Validates the URLs and builds the client; does not connect.
+    pub fn new(config: &RedisConfig, timeout: Duration) -> Result<Self, StoreError> {
+        let urls: Vec<String> = config
+            .urls
+            .iter()
+            .map(|u| u.expose_secret().to_owned())
+            .collect();
+        let target = if config.cluster {
+            Target::Cluster(
+                ClusterClientBuilder::new(urls)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    // Retries cover MOVED/ASK and failovers; the guard's timeout caps
+                    // the total, so a few quick retries are all that fit anyway.
+                    .retries(3)
+                    .build()?,
+            )
+        } else {
+            let url = urls.into_iter().next().ok_or_else(|| {
+                StoreError::Redis(redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "no Redis URL",
+                )))
+            })?;
+            Target::Single(redis::Client::open(url)?)
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                target,
+                connection: Mutex::new(None),
+                guard: Guard::new(Dependency::Redis, timeout),
+            }),
+        })
+    }
+
+    pub fn guard(&self) -> &Guard {
+        &self.inner.guard
+    }
+
+    /// The shared connection, made on first use.
+    async fn connection(&self) -> Result<Connection, StoreError> {
+        let mut slot = self.inner.connection.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            return Ok(conn.clone());
+        }
+        let timeout = self.inner.guard.timeout();
+        let conn = match &self.inner.target {
+            Target::Cluster(client) => Connection::Cluster(client.get_async_connection().await?),
+            Target::Single(client) => Connection::Single(
+                ConnectionManager::new_with_config(
+                    client.clone(),
+                    ConnectionManagerConfig::new()
+                        .set_connection_timeout(timeout)
+                        .set_response_timeout(timeout)
+                        .set_number_of_retries(1),
+                )
+                .await?,
+            ),
+        };
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Runs one command under the guard.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+        self.inner
+            .guard
+            .run(async {
+                let mut conn = self.connection().await?;
+                cmd.query_async::<T>(&mut conn).await.map_err(StoreError::from)
+            })
+            .await
+    }
+
+    /// Runs a pipeline (or MULTI/EXEC transaction) under the guard. In a cluster,
+    /// all its keys must share one slot.
+    pub async fn pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, StoreError> {
+        self.inner
+            .guard
+            .run(async {
+                let mut conn = self.connection().await?;
+                pipe.query_async::<T>(&mut conn).await.map_err(StoreError::from)
+            })
+            .await
+    }
+
+    /// Runs a Lua script under the guard (EVALSHA, falling back to EVAL).
+    pub async fn script<T: FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        self.inner
+            .guard
+            .run(async {
+                let mut conn = self.connection().await?;
+                invocation
+                    .invoke_async::<T>(&mut conn)
+                    .await
+                    .map_err(StoreError::from)
+            })
+            .await
+    }
+
+    /// One round trip, for health checks.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let pong: String = self.query(&redis::cmd("PING")).await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(StoreError::Corrupt(format!("PING answered {pong:?}")))
+        }
+    }
+}
