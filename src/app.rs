@@ -5,7 +5,12 @@
 //! (liveness answers from the first millisecond) while startup work — migrations,
 //! then readiness — runs beside it, retrying while PostgreSQL is unreachable.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::net::TcpListener;
 
@@ -13,8 +18,16 @@ use crate::{
     config::{Config, DatabaseConfig},
     http::{self, health::HealthCache},
     metrics::Metrics,
+    passwords::{HashError, PasswordHasher},
+    runtime_config::RuntimeConfigHandle,
+    sessions::{redis::RedisSessions, sqlite::SqliteSessions, Sessions},
     shutdown::Lifecycle,
-    store::{Database, Redis, StoreError},
+    store::{database::Pool, Database, IdentityStore, Redis, StoreError},
+    tokens::{
+        keys::{embedded_key_encryption_key, KeyRing, KeyTiming},
+        AccessTokens,
+    },
+    users::{AuditEvent, NewUser, Role, ADMIN_PERMISSION, ADMIN_ROLE},
 };
 
 /// Everything a request handler may need; cheap to clone.
@@ -24,6 +37,10 @@ pub struct AppState {
     pub db: Database,
     /// None in embedded mode, where sessions live in the database.
     pub redis: Option<Redis>,
+    pub sessions: Sessions,
+    pub runtime: Arc<RuntimeConfigHandle>,
+    pub hasher: Arc<PasswordHasher>,
+    pub tokens: Arc<AccessTokens>,
     pub lifecycle: Arc<Lifecycle>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<HealthCache>,
@@ -40,6 +57,10 @@ pub enum StartupError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("password hashing: {0}")]
+    Hash(#[from] HashError),
+    #[error("key-encryption key file in AUTH_DATA_DIR: {0}")]
+    KeyFile(std::io::Error),
 }
 
 /// A built, not yet running, instance.
@@ -51,12 +72,13 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
         let started = Instant::now();
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartupError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartupError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         if matches!(config.database, DatabaseConfig::Embedded) {
             tracing::warn!(
                 data_dir = %config.data_dir.display(),
@@ -70,12 +92,48 @@ impl Application {
             Some(redis) => Some(Redis::new(redis, config.dependency_timeout)?),
             None => None,
         };
+        let sessions = match (&redis, &db.pool) {
+            // A cluster has replicas to wait for; a single node may not.
+            (Some(redis), _) => Sessions::Redis(RedisSessions::new(
+                redis.clone(),
+                u32::from(config.redis.as_ref().is_some_and(|r| r.cluster)),
+            )),
+            (None, Pool::Sqlite(pool)) => Sessions::Embedded(SqliteSessions::new(pool.clone())),
+            (None, Pool::Postgres(_)) => {
+                return Err(StoreError::Corrupt(
+                    "PostgreSQL needs Redis for sessions (AUTH_REDIS_URLS)".into(),
+                )
+                .into())
+            }
+        };
+        let kek = match &config.key_encryption_key {
+            Some(kek) => kek.clone(),
+            None => embedded_key_encryption_key(&config.data_dir).map_err(StartupError::KeyFile)?,
+        };
+        let metrics = Arc::new(Metrics::new());
+        let keys = Arc::new(KeyRing::new(
+            kek,
+            config.signing_algorithm,
+            KeyTiming {
+                publish_lead: config.key_publish_lead,
+            },
+        ));
+        let tokens = Arc::new(AccessTokens::new(
+            keys,
+            config.issuer.clone(),
+            config.audience.clone(),
+        ));
+        let hasher = Arc::new(PasswordHasher::new(&config.password_hash, metrics.clone())?);
         let state = AppState {
             config: Arc::new(config),
             db,
             redis,
+            sessions,
+            runtime: Arc::new(RuntimeConfigHandle::default()),
+            hasher,
+            tokens,
             lifecycle: Arc::new(Lifecycle::new()),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             health: Arc::new(HealthCache::default()),
             started,
         };
@@ -103,6 +161,7 @@ impl Application {
     ) -> std::io::Result<()> {
         let Self { listener, state } = self;
         let startup = tokio::spawn(startup(state.clone()));
+        let background = tokio::spawn(background(state.clone()));
 
         let lifecycle = state.lifecycle.clone();
         let metrics = state.metrics.clone();
@@ -145,6 +204,7 @@ impl Application {
             }
         };
         startup.abort();
+        background.abort();
         state.db.close().await;
         tracing::info!("stopped");
         result
@@ -155,23 +215,165 @@ fn flatten(joined: Result<std::io::Result<()>, tokio::task::JoinError>) -> std::
     joined.map_err(std::io::Error::other)?
 }
 
-/// Startup work that gates readiness. Retries while PostgreSQL is unreachable, so
-/// a replica started during a database outage becomes ready when it returns.
-async fn startup(state: AppState) {
-    let mut backoff = std::time::Duration::from_millis(100);
+/// Retries `step` with capped exponential backoff until it succeeds.
+async fn until_ok<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    mut step: impl FnMut() -> F,
+) -> T {
+    let mut backoff = Duration::from_millis(100);
     loop {
-        match state.db.migrate().await {
-            Ok(()) => break,
+        match step().await {
+            Ok(v) => return v,
             Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(0), "migrations failed; retrying");
+                tracing::warn!(step = what, error = %e, retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(0), "startup step failed; retrying");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
+}
+
+/// Startup work that gates readiness: migrations, runtime configuration, signing
+/// keys, the bootstrap administrator. Each step retries while PostgreSQL is
+/// unreachable, so a replica started during an outage becomes ready when it
+/// returns.
+async fn startup(state: AppState) {
+    until_ok("migrate", || state.db.migrate()).await;
+    until_ok("runtime configuration", || state.runtime.refresh(&state.db)).await;
+    until_ok("signing keys", || maintain_keys(&state, false)).await;
+    until_ok("bootstrap", || bootstrap(&state)).await;
     state.lifecycle.set_ready();
     tracing::info!(
         startup_ms = u64::try_from(state.started.elapsed().as_millis()).unwrap_or(u64::MAX),
         "ready"
     );
+}
+
+/// Creates, rotates and prunes signing keys as the schedule says, then reloads.
+pub async fn maintain_keys(
+    state: &AppState,
+    force: bool,
+) -> Result<Option<String>, crate::tokens::keys::KeyError> {
+    let policy = state.runtime.get();
+    let rotation = Duration::from_secs(policy.key_rotation_days.saturating_mul(86_400));
+    let token_lifetime = Duration::from_secs(policy.access_token_ttl_seconds);
+    let added = state
+        .tokens
+        .keys
+        .maintain(&state.db, rotation, token_lifetime, force)
+        .await?;
+    record_key_metrics(state);
+    Ok(added)
+}
+
+fn record_key_metrics(state: &AppState) {
+    let keys = state.tokens.keys.keys();
+    let now = chrono::Utc::now();
+    state
+        .metrics
+        .signing_keys
+        .with_label_values(&["published"])
+        .set(i64::try_from(keys.len()).unwrap_or(0));
+    if let Some(active) = keys.signing_key(now) {
+        state
+            .metrics
+            .signing_key_age
+            .set((now - active.activates_at).num_seconds().max(0) as f64);
+    }
+}
+
+/// Creates the first administrator when no user exists: from
+/// AUTH_BOOTSTRAP_ADMIN_*, or in embedded mode with neither set, `admin` with a
+/// random password printed once. Exactly one of several replicas starting at once
+/// creates it (see `IdentityStore::create_first_user`).
+async fn bootstrap(state: &AppState) -> Result<(), crate::auth::AuthError> {
+    let (username, password, generated) = match &state.config.bootstrap_admin {
+        Some(admin) => (admin.username.clone(), admin.password.clone(), false),
+        None if state.db.is_embedded() => {
+            if state.db.count_users().await? > 0 {
+                return Ok(());
+            }
+            (
+                "admin".to_owned(),
+                secrecy::SecretString::from(crate::passwords::generate_password()),
+                true,
+            )
+        }
+        None => return Ok(()),
+    };
+    if state.db.count_users().await? > 0 {
+        return Ok(());
+    }
+    use secrecy::ExposeSecret;
+    let phc = state.hasher.hash(password.clone()).await?;
+    let role = Role {
+        name: ADMIN_ROLE.into(),
+        description: "Administers users, roles and configuration".into(),
+        permissions: vec![ADMIN_PERMISSION.into()],
+    };
+    let created = state
+        .db
+        .create_first_user(
+            &NewUser {
+                username: username.clone(),
+                email: None,
+                password_hash: phc,
+                roles: vec![ADMIN_ROLE.into()],
+            },
+            &role,
+            &AuditEvent::new("bootstrap_admin", "success").username(&username),
+        )
+        .await?;
+    if created.is_some() {
+        tracing::info!(username = %username, "created the bootstrap administrator");
+        if generated {
+            // Printed once, to stderr only, never to the log stream.
+            eprintln!(
+                "\n  embedded mode: created administrator `{username}` with password: {}\n  (shown once; change it with POST /v1/auth/password)\n",
+                password.expose_secret()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Work every replica repeats while it runs: pick up runtime configuration
+/// changes (every second), reload signing keys, and keep the key schedule.
+async fn background(state: AppState) {
+    let mut config_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut key_reload_tick = tokio::time::interval(state.tokens.keys.timing.reload_interval());
+    let mut maintain_tick = tokio::time::interval(
+        state
+            .tokens
+            .keys
+            .timing
+            .reload_interval()
+            .max(Duration::from_secs(1))
+            * 2,
+    );
+    for tick in [&mut config_tick, &mut key_reload_tick, &mut maintain_tick] {
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    loop {
+        tokio::select! {
+            _ = config_tick.tick() => {
+                if let Err(e) = state.runtime.refresh(&state.db).await {
+                    tracing::debug!(error = %e, "runtime configuration poll failed");
+                }
+            }
+            _ = key_reload_tick.tick() => {
+                if let Err(e) = state.tokens.keys.reload(&state.db).await {
+                    tracing::debug!(error = %e, "key reload failed; keeping the keys in memory");
+                }
+                record_key_metrics(&state);
+            }
+            _ = maintain_tick.tick() => {
+                if state.lifecycle.phase() == crate::shutdown::Phase::Ready {
+                    if let Err(e) = maintain_keys(&state, false).await {
+                        tracing::debug!(error = %e, "key maintenance failed");
+                    }
+                }
+            }
+        }
+    }
 }

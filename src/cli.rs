@@ -9,13 +9,7 @@ use std::{
 
 use clap::{Parser, Subcommand};
 
-use crate::{
-    app::Application,
-    config::Config,
-    shutdown,
-    store::Database,
-    telemetry,
-};
+use crate::{app::Application, config::Config, shutdown, store::Database, telemetry};
 
 #[derive(Debug, Parser)]
 #[command(name = "auth-service", version, about = "Authentication service")]
@@ -106,7 +100,8 @@ fn healthcheck(config: &Config) -> ExitCode {
         let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
-        stream.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
         let mut head = [0u8; 64];
         let n = stream.read(&mut head)?;
         Ok(String::from_utf8_lossy(&head[..n]).into_owned())
@@ -114,10 +109,7 @@ fn healthcheck(config: &Config) -> ExitCode {
     match status {
         Ok(line) if line.starts_with("HTTP/1.1 200") => ExitCode::SUCCESS,
         Ok(line) => {
-            eprintln!(
-                "unhealthy: {}",
-                line.lines().next().unwrap_or_default()
-            );
+            eprintln!("unhealthy: {}", line.lines().next().unwrap_or_default());
             ExitCode::FAILURE
         }
         Err(e) => {

@@ -136,6 +136,10 @@ pub struct Config {
     pub dependency_timeout: Duration,
     /// Requests served at once on the API routes; beyond it 503 instead of a queue.
     pub max_concurrent_requests: usize,
+    /// How long a new signing key is published before it signs.
+    pub key_publish_lead: Duration,
+    /// `EdDSA` (Ed25519, default) or `ES256`.
+    pub signing_algorithm: jsonwebtoken::Algorithm,
 }
 
 impl Config {
@@ -307,7 +311,12 @@ impl Config {
             iterations: number(&get, "AUTH_PASSWORD_HASH_ITERATIONS", 2, 1..=64)?,
             parallelism: number(&get, "AUTH_PASSWORD_HASH_PARALLELISM", 1, 1..=64)?,
             concurrency,
-            queue: number(&get, "AUTH_PASSWORD_HASH_QUEUE", concurrency * 4, 0..=100_000)?,
+            queue: number(
+                &get,
+                "AUTH_PASSWORD_HASH_QUEUE",
+                concurrency * 4,
+                0..=100_000,
+            )?,
         };
 
         Ok(Self {
@@ -337,6 +346,17 @@ impl Config {
                 1024,
                 1..=1_000_000,
             )?,
+            key_publish_lead: duration(&get, "AUTH_KEY_PUBLISH_LEAD", Duration::from_secs(360))?,
+            signing_algorithm: match get("AUTH_SIGNING_ALGORITHM").as_deref() {
+                None | Some("EdDSA") => jsonwebtoken::Algorithm::EdDSA,
+                Some("ES256") => jsonwebtoken::Algorithm::ES256,
+                Some(other) => {
+                    return Err(ConfigError::new(
+                        "AUTH_SIGNING_ALGORITHM",
+                        format!("{other:?} is not EdDSA or ES256"),
+                    ))
+                }
+            },
         })
     }
 
@@ -510,21 +530,39 @@ mod tests {
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[("AUTH_LISTEN", "nope")], "AUTH_LISTEN"),
             (&[("AUTH_REDIS_URLS", "http://x")], "AUTH_REDIS_URLS"),
-            (&[("AUTH_KEY_ENCRYPTION_KEY", "c2hvcnQ=")], "AUTH_KEY_ENCRYPTION_KEY"),
+            (
+                &[("AUTH_KEY_ENCRYPTION_KEY", "c2hvcnQ=")],
+                "AUTH_KEY_ENCRYPTION_KEY",
+            ),
             (&[("AUTH_DATABASE_URL", "mysql://x")], "AUTH_DATABASE_URL"),
             (
-                &[("AUTH_DATABASE_URL", "postgres://x/db"), ("AUTH_REDIS_URLS", "redis://r")],
+                &[
+                    ("AUTH_DATABASE_URL", "postgres://x/db"),
+                    ("AUTH_REDIS_URLS", "redis://r"),
+                ],
                 "AUTH_KEY_ENCRYPTION_KEY",
             ),
             (
-                &[("AUTH_DATABASE_URL", "postgres://x/db"), ("AUTH_KEY_ENCRYPTION_KEY", KEK)],
+                &[
+                    ("AUTH_DATABASE_URL", "postgres://x/db"),
+                    ("AUTH_KEY_ENCRYPTION_KEY", KEK),
+                ],
                 "AUTH_REDIS_URLS",
             ),
-            (&[("AUTH_SESSION_OUTAGE_POLICY", "lax")], "AUTH_SESSION_OUTAGE_POLICY"),
-            (&[("AUTH_TRUSTED_PROXIES", "10.0.0.0/99")], "AUTH_TRUSTED_PROXIES"),
+            (
+                &[("AUTH_SESSION_OUTAGE_POLICY", "lax")],
+                "AUTH_SESSION_OUTAGE_POLICY",
+            ),
+            (
+                &[("AUTH_TRUSTED_PROXIES", "10.0.0.0/99")],
+                "AUTH_TRUSTED_PROXIES",
+            ),
             (&[("AUTH_SHUTDOWN_DELAY", "soon")], "AUTH_SHUTDOWN_DELAY"),
             (&[("AUTH_DRAIN_TIMEOUT", "-1s")], "AUTH_DRAIN_TIMEOUT"),
-            (&[("AUTH_BOOTSTRAP_ADMIN_USERNAME", "root")], "AUTH_BOOTSTRAP_ADMIN_PASSWORD"),
+            (
+                &[("AUTH_BOOTSTRAP_ADMIN_USERNAME", "root")],
+                "AUTH_BOOTSTRAP_ADMIN_PASSWORD",
+            ),
             (&[("AUTH_LOG_FORMAT", "xml")], "AUTH_LOG_FORMAT"),
             (&[("AUTH_REDIS_CLUSTER", "maybe")], "AUTH_REDIS_CLUSTER"),
             (&[("AUTH_ISSUER", "localhost")], "AUTH_ISSUER"),
@@ -542,7 +580,11 @@ mod tests {
         assert!(c.redis.unwrap().cluster);
         let c = parse(&[("AUTH_REDIS_URLS", "redis://a:1")]).unwrap();
         assert!(!c.redis.unwrap().cluster);
-        let c = parse(&[("AUTH_REDIS_URLS", "redis://a:1"), ("AUTH_REDIS_CLUSTER", "true")]).unwrap();
+        let c = parse(&[
+            ("AUTH_REDIS_URLS", "redis://a:1"),
+            ("AUTH_REDIS_CLUSTER", "true"),
+        ])
+        .unwrap();
         assert!(c.redis.unwrap().cluster);
     }
 

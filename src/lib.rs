@@ -6,10 +6,16 @@
 //! environment once; [`shutdown`] holds the lifecycle that readiness reports.
 
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod passwords;
+pub mod runtime_config;
+pub mod sessions;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod tokens;
+pub mod users;

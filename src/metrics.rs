@@ -63,8 +63,8 @@ impl Metrics {
             http_duration: HistogramVec::new(
                 HistogramOpts::new("http_request_duration_seconds", "HTTP request latency")
                     .buckets(vec![
-                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                        2.5, 5.0, 10.0,
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0,
                     ]),
                 &["route", "method"],
             )
@@ -123,7 +123,10 @@ impl Metrics {
             )
             .expect("valid metric"),
             lockouts: IntCounterVec::new(
-                Opts::new("auth_lockouts_total", "Failed-login limits crossed, by scope"),
+                Opts::new(
+                    "auth_lockouts_total",
+                    "Failed-login limits crossed, by scope",
+                ),
                 &["scope"],
             )
             .expect("valid metric"),

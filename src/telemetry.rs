@@ -12,7 +12,8 @@ const DEFAULT_FILTER: &str = "info,sqlx=warn,tower_http=info,hyper=warn,redis=wa
 /// Installs the global subscriber; later calls (several instances in one test
 /// process) keep the first.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder

@@ -13,7 +13,7 @@ use axum::{
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::store::StoreError;
+use crate::{auth::AuthError, store::StoreError};
 
 /// An RFC 9457 problem document.
 #[derive(Debug, Serialize, ToSchema)]
@@ -151,10 +151,7 @@ impl ApiError {
         };
         Problem {
             type_uri: format!("urn:auth-service:problem:{}", self.code()),
-            title: status
-                .canonical_reason()
-                .unwrap_or("Error")
-                .to_owned(),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
             status: status.as_u16(),
             detail,
             code: self.code().to_owned(),
@@ -182,15 +179,9 @@ impl IntoResponse for ApiError {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         match self {
-            // RFC 6750: a request without credentials gets the bare challenge; one
-            // with a bad token is told so.
-            Self::MissingToken => {
-                headers.insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer"),
-                );
-            }
-            Self::InvalidToken => {
+            // The contract asks gateways to see `invalid_token` on every refusal,
+            // a missing token included.
+            Self::MissingToken | Self::InvalidToken => {
                 headers.insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer error=\"invalid_token\""),
@@ -217,7 +208,28 @@ impl From<StoreError> for ApiError {
             },
             StoreError::Conflict(what) => Self::Conflict(format!("already exists ({what})")),
             StoreError::NotFound => Self::NotFound,
+            StoreError::Invalid { field, message } => Self::validation(field, message),
             other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::InvalidCredentials => Self::InvalidCredentials,
+            AuthError::InvalidToken => Self::InvalidToken,
+            AuthError::Forbidden(p) => Self::Forbidden(format!("missing permission {p}")),
+            AuthError::Locked(seconds) => Self::TooManyRequests {
+                retry_after: seconds,
+            },
+            AuthError::Invalid(field, message) => Self::validation(field, message),
+            AuthError::Overloaded => Self::Unavailable {
+                what: "password hashing",
+                retry_after: 1,
+            },
+            AuthError::Store(e) => e.into(),
+            AuthError::Internal(m) => Self::Internal(m),
         }
     }
 }
@@ -231,16 +243,32 @@ mod tests {
     fn every_error_maps_to_its_status_and_code() {
         let cases = [
             (ApiError::MalformedBody("x".into()), 400, "malformed_body"),
-            (ApiError::validation("password", "too short"), 422, "validation_failed"),
-            (ApiError::UnsupportedMediaType, 415, "unsupported_media_type"),
+            (
+                ApiError::validation("password", "too short"),
+                422,
+                "validation_failed",
+            ),
+            (
+                ApiError::UnsupportedMediaType,
+                415,
+                "unsupported_media_type",
+            ),
             (ApiError::PayloadTooLarge, 413, "payload_too_large"),
             (ApiError::InvalidCredentials, 401, "invalid_credentials"),
             (ApiError::InvalidToken, 401, "invalid_token"),
             (ApiError::Forbidden("no".into()), 403, "forbidden"),
             (ApiError::NotFound, 404, "not_found"),
             (ApiError::Conflict("x".into()), 409, "conflict"),
-            (ApiError::TooManyRequests { retry_after: 3 }, 429, "too_many_requests"),
-            (StoreError::Unavailable(Dependency::Redis).into(), 503, "unavailable"),
+            (
+                ApiError::TooManyRequests { retry_after: 3 },
+                429,
+                "too_many_requests",
+            ),
+            (
+                StoreError::Unavailable(Dependency::Redis).into(),
+                503,
+                "unavailable",
+            ),
             (ApiError::Internal("db exploded".into()), 500, "internal"),
         ];
         for (err, status, code) in cases {
@@ -263,7 +291,10 @@ mod tests {
     fn retry_after_and_challenges_are_set() {
         let r = ApiError::TooManyRequests { retry_after: 7 }.into_response();
         assert_eq!(r.headers()[header::RETRY_AFTER], "7");
-        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/problem+json");
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
         let r = ApiError::InvalidToken.into_response();
         assert_eq!(
             r.headers()[header::WWW_AUTHENTICATE],

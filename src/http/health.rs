@@ -101,7 +101,10 @@ async fn probe(state: &AppState) -> BTreeMap<&'static str, Component> {
     let mut components = BTreeMap::new();
 
     let (ok, ms) = database;
-    metrics.dependency_up.with_label_values(&["database"]).set(i64::from(ok));
+    metrics
+        .dependency_up
+        .with_label_values(&["database"])
+        .set(i64::from(ok));
     metrics
         .dependency_latency
         .with_label_values(&["database"])
@@ -112,12 +115,23 @@ async fn probe(state: &AppState) -> BTreeMap<&'static str, Component> {
         .set(i64::from(db.guard.is_open()));
     components.insert(
         "database",
-        component(ok, ms, if db.is_embedded() { "sqlite" } else { "postgres" }),
+        component(
+            ok,
+            ms,
+            if db.is_embedded() {
+                "sqlite"
+            } else {
+                "postgres"
+            },
+        ),
     );
 
     let redis_component = match (redis, &state.redis) {
         (Some((ok, ms)), Some(client)) => {
-            metrics.dependency_up.with_label_values(&["redis"]).set(i64::from(ok));
+            metrics
+                .dependency_up
+                .with_label_values(&["redis"])
+                .set(i64::from(ok));
             metrics
                 .dependency_latency
                 .with_label_values(&["redis"])

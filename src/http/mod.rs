@@ -5,9 +5,12 @@
 //! document served at `/openapi.json`, so the description cannot drift from the
 //! routes.
 
+pub mod admin;
+pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod wellknown;
 
 use std::{sync::Arc, time::Instant};
 
@@ -41,19 +44,43 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 #[derive(OpenApi)]
 #[openapi(
     info(title = "auth-service", description = "Authentication: tokens, sessions, identity."),
-    components(schemas(error::Problem))
+    components(schemas(error::Problem)),
+    paths(auth::forward_auth),
+    modifiers(&BearerScheme)
 )]
 struct ApiDoc;
+
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
 
 /// The API routes (those behind the concurrency limit) and their description.
 fn api_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(auth::router())
+        .merge(admin::router())
+        .merge(wellknown::router())
 }
 
 /// The whole application: routes, the OpenAPI document and every layer.
 pub fn router(state: AppState) -> Router {
     let config = state.config.clone();
     let (api, mut doc) = api_routes().split_for_parts();
+    let api = api.merge(auth::forward_auth_router());
     let (probes, probe_doc) = health::router().split_for_parts();
     doc.merge(probe_doc);
     let doc = Arc::new(doc);
@@ -73,7 +100,10 @@ pub fn router(state: AppState) -> Router {
                 ))
                 .timeout(config.request_timeout),
         )
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_started))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_started,
+        ))
     };
 
     Router::new()
@@ -92,7 +122,10 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(
             ServiceBuilder::new()
-                .layer(SetRequestIdLayer::new(X_REQUEST_ID.clone(), MakeRequestUuid))
+                .layer(SetRequestIdLayer::new(
+                    X_REQUEST_ID.clone(),
+                    MakeRequestUuid,
+                ))
                 .layer(
                     TraceLayer::new_for_http()
                         .make_span_with(|req: &Request| {

@@ -10,8 +10,16 @@ use sqlx::{
     PgPool, SqlitePool,
 };
 
-use super::{guard::Guard, Dependency, StoreError};
-use crate::config::{Config, DatabaseConfig};
+use uuid::Uuid;
+
+use super::{guard::Guard, Dependency, IdentityStore, StoreError, StoredKey};
+use crate::{
+    config::{Config, DatabaseConfig},
+    users::{
+        AuditEvent, Credentials, NewUser, Role, RoleUpdate, StoredAuditEvent, User, UserPage,
+        UserUpdate,
+    },
+};
 
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -54,8 +62,11 @@ impl Database {
             DatabaseConfig::Embedded => {
                 std::fs::create_dir_all(&config.data_dir).map_err(|e| {
                     StoreError::Database(sqlx::Error::Configuration(
-                        format!("cannot create AUTH_DATA_DIR {}: {e}", config.data_dir.display())
-                            .into(),
+                        format!(
+                            "cannot create AUTH_DATA_DIR {}: {e}",
+                            config.data_dir.display()
+                        )
+                        .into(),
                     ))
                 })?;
                 let options = SqliteConnectOptions::new()
@@ -111,4 +122,162 @@ impl Database {
             Pool::Sqlite(pool) => pool.close().await,
         }
     }
+}
+
+/// Runs one [`IdentityStore`] method on whichever backend is configured, under the
+/// guard (timeout and circuit breaker), so each method below is one line and the
+/// two backends are never spelled out per method.
+macro_rules! dispatch {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        $self
+            .guard
+            .run(async {
+                match &$self.pool {
+                    Pool::Postgres(pool) => pool.$method($($arg),*).await,
+                    Pool::Sqlite(pool) => pool.$method($($arg),*).await,
+                }
+            })
+            .await
+    };
+}
+
+impl IdentityStore for Database {
+    async fn create_user(&self, user: &NewUser, audit: &AuditEvent) -> Result<User, StoreError> {
+        dispatch!(self.create_user(user, audit))
+    }
+    async fn get_user(&self, id: Uuid) -> Result<Option<User>, StoreError> {
+        dispatch!(self.get_user(id))
+    }
+    async fn find_credentials(&self, username: &str) -> Result<Option<Credentials>, StoreError> {
+        dispatch!(self.find_credentials(username))
+    }
+    async fn list_users(
+        &self,
+        filter: Option<&str>,
+        cursor: Option<&str>,
+        limit: u32,
+    ) -> Result<UserPage, StoreError> {
+        dispatch!(self.list_users(filter, cursor, limit))
+    }
+    async fn update_user(
+        &self,
+        id: Uuid,
+        update: &UserUpdate,
+        audit: &AuditEvent,
+    ) -> Result<User, StoreError> {
+        dispatch!(self.update_user(id, update, audit))
+    }
+    async fn delete_user(&self, id: Uuid, audit: &AuditEvent) -> Result<(), StoreError> {
+        dispatch!(self.delete_user(id, audit))
+    }
+    async fn replace_password_hash(&self, id: Uuid, password_hash: &str) -> Result<(), StoreError> {
+        dispatch!(self.replace_password_hash(id, password_hash))
+    }
+    async fn create_first_user(
+        &self,
+        user: &NewUser,
+        role: &Role,
+        audit: &AuditEvent,
+    ) -> Result<Option<User>, StoreError> {
+        dispatch!(self.create_first_user(user, role, audit))
+    }
+    async fn count_users(&self) -> Result<i64, StoreError> {
+        dispatch!(self.count_users())
+    }
+    async fn list_roles(&self) -> Result<Vec<Role>, StoreError> {
+        dispatch!(self.list_roles())
+    }
+    async fn get_role(&self, name: &str) -> Result<Option<Role>, StoreError> {
+        dispatch!(self.get_role(name))
+    }
+    async fn create_role(&self, role: &Role, audit: &AuditEvent) -> Result<Role, StoreError> {
+        dispatch!(self.create_role(role, audit))
+    }
+    async fn update_role(
+        &self,
+        name: &str,
+        update: &RoleUpdate,
+        audit: &AuditEvent,
+    ) -> Result<Role, StoreError> {
+        dispatch!(self.update_role(name, update, audit))
+    }
+    async fn delete_role(&self, name: &str, audit: &AuditEvent) -> Result<(), StoreError> {
+        dispatch!(self.delete_role(name, audit))
+    }
+    async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        dispatch!(self.record_audit(event))
+    }
+    async fn recent_audit(&self, limit: u32) -> Result<Vec<StoredAuditEvent>, StoreError> {
+        dispatch!(self.recent_audit(limit))
+    }
+    async fn load_configuration(&self) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+        dispatch!(self.load_configuration())
+    }
+    async fn configuration_version(&self) -> Result<String, StoreError> {
+        dispatch!(self.configuration_version())
+    }
+    async fn set_configuration(
+        &self,
+        key: &str,
+        value: &serde_json::Value,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        dispatch!(self.set_configuration(key, value, audit))
+    }
+    async fn signing_keys(&self) -> Result<Vec<StoredKey>, StoreError> {
+        dispatch!(self.signing_keys())
+    }
+    async fn add_signing_key(
+        &self,
+        key: &StoredKey,
+        expected_newest: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self.add_signing_key(key, expected_newest))
+    }
+    async fn delete_signing_keys(&self, kids: &[String]) -> Result<(), StoreError> {
+        dispatch!(self.delete_signing_keys(kids))
+    }
+}
+
+// Small pieces both backends share.
+
+/// Maps a unique violation to `Conflict` naming what collided, the same on both
+/// backends (PostgreSQL reports the index name, SQLite only a message that names
+/// the index or the column). Other errors convert as usual.
+pub(super) fn conflict(e: sqlx::Error) -> StoreError {
+    let Some(db) = e.as_database_error().filter(|d| d.is_unique_violation()) else {
+        return e.into();
+    };
+    let what = db.constraint().unwrap_or_else(|| db.message());
+    let field = if what.contains("users_username_key") {
+        "username"
+    } else if what.contains("users_email_key") {
+        "email"
+    } else if what == "roles_pkey" || what.ends_with(": roles.name") {
+        "role"
+    } else if what == "signing_keys_pkey" || what.ends_with(": signing_keys.kid") {
+        "kid"
+    } else {
+        return e.into();
+    };
+    StoreError::Conflict(field.to_owned())
+}
+
+/// Sorted bytewise, duplicates removed: the order [`User`] and [`Role`] promise,
+/// independent of either database's collation.
+pub(super) fn distinct_sorted(mut items: Vec<String>) -> Vec<String> {
+    items.sort_unstable();
+    items.dedup();
+    items
+}
+
+/// The audit event of a user's creation, about the new user unless the caller
+/// named a user already: the caller cannot know the id, the store makes it.
+pub(super) fn audit_for_new_user(audit: &AuditEvent, id: Uuid, username: &str) -> AuditEvent {
+    let mut event = audit.clone();
+    if event.user_id.is_none() {
+        event.user_id = Some(id);
+        event.username = Some(username.to_owned());
+    }
+    event
 }

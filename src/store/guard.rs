@@ -119,9 +119,14 @@ mod tests {
         }
         assert!(guard.is_open());
         // Short-circuited: the call is not even polled.
+        let polled = std::sync::atomic::AtomicBool::new(false);
         let r = guard
-            .run(async { Ok::<_, StoreError>(panic!("must not run")) })
+            .run(async {
+                polled.store(true, Ordering::SeqCst);
+                Ok::<_, StoreError>(())
+            })
             .await;
+        assert!(!polled.load(Ordering::SeqCst));
         assert!(matches!(r, Err(StoreError::Unavailable(Dependency::Redis))));
         tokio::time::sleep(COOL_DOWN + Duration::from_millis(20)).await;
         let r = guard.run(async { Ok::<_, StoreError>(7) }).await;
@@ -138,14 +143,19 @@ mod tests {
                 Ok::<_, StoreError>(())
             })
             .await;
-        assert!(matches!(r, Err(StoreError::Unavailable(Dependency::Database))));
+        assert!(matches!(
+            r,
+            Err(StoreError::Unavailable(Dependency::Database))
+        ));
     }
 
     #[tokio::test]
     async fn answered_errors_do_not_open_the_breaker() {
         let guard = Guard::new(Dependency::Database, Duration::from_millis(20));
         for _ in 0..10 {
-            let _ = guard.run(async { Err::<(), _>(StoreError::NotFound) }).await;
+            let _ = guard
+                .run(async { Err::<(), _>(StoreError::NotFound) })
+                .await;
         }
         assert!(!guard.is_open());
     }

@@ -6,12 +6,16 @@
 
 pub mod database;
 pub mod guard;
+pub mod identity;
+pub mod postgres;
 pub mod redis;
+pub mod sqlite;
 
 use std::fmt;
 
-pub use database::Database;
 pub use self::redis::Redis;
+pub use database::Database;
+pub use identity::{IdentityStore, StoredKey};
 
 /// A shared dependency, as named in health output and metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -46,6 +50,12 @@ pub enum StoreError {
     Conflict(String),
     #[error("not found")]
     NotFound,
+    /// The request refers to something that does not exist (an unknown role).
+    #[error("invalid {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error("database error: {0}")]
     Database(sqlx::Error),
     #[error("migration failed: {0}")]
@@ -62,20 +72,24 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             Self::Unavailable(_) => true,
-            Self::Database(e) => matches!(
-                e,
-                sqlx::Error::Io(_)
-                    | sqlx::Error::Tls(_)
-                    | sqlx::Error::Protocol(_)
-                    | sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::WorkerCrashed
-            ) || e
-                .as_database_error()
-                .and_then(|d| d.code())
-                // Class 08 (connection exception), 57P (operator intervention:
-                // shutdown, crash), 53 (insufficient resources).
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c.starts_with("53")),
+            Self::Database(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::Tls(_)
+                        | sqlx::Error::Protocol(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::WorkerCrashed
+                ) || e
+                    .as_database_error()
+                    .and_then(|d| d.code())
+                    // Class 08 (connection exception), 57P (operator intervention:
+                    // shutdown, crash), 53 (insufficient resources).
+                    .is_some_and(|c| {
+                        c.starts_with("08") || c.starts_with("57P") || c.starts_with("53")
+                    })
+            }
             Self::Redis(e) => {
                 e.is_io_error()
                     || e.is_timeout()

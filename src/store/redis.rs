@@ -142,7 +142,9 @@ impl Redis {
             .guard
             .run(async {
                 let mut conn = self.connection().await?;
-                cmd.query_async::<T>(&mut conn).await.map_err(StoreError::from)
+                cmd.query_async::<T>(&mut conn)
+                    .await
+                    .map_err(StoreError::from)
             })
             .await
     }
@@ -154,7 +156,9 @@ impl Redis {
             .guard
             .run(async {
                 let mut conn = self.connection().await?;
-                pipe.query_async::<T>(&mut conn).await.map_err(StoreError::from)
+                pipe.query_async::<T>(&mut conn)
+                    .await
+                    .map_err(StoreError::from)
             })
             .await
     }

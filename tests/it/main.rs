@@ -1,1 +1,9 @@
+//! The integration suite: one test binary (one link, not one per file) whose
+//! modules start the real service against real PostgreSQL and Redis Cluster.
+//!
+//! Run it with `scripts/test`, which starts those and exports their addresses.
 
+mod kit;
+
+mod foundation;
+mod storage;

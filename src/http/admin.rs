@@ -1,0 +1,571 @@
+//! `/v1/admin/*`: users, roles, runtime configuration and the audit log, for
+//! callers whose token grants `auth:admin`. Every change is audited in the same
+//! transaction; disabling, deleting or resetting a user ends their sessions.
+
+use axum::{
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+use super::{
+    error::{ApiError, Problem},
+    extract::{Admin, Client, Json, Path, Query},
+};
+use crate::{
+    app::AppState,
+    auth,
+    runtime_config::{ConfigValueError, RuntimeConfig},
+    store::IdentityStore,
+    tokens::Claims,
+    users::{AuditEvent, NewUser, Role, RoleUpdate, StoredAuditEvent, User, UserUpdate},
+};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_users, create_user))
+        .routes(routes!(get_user, update_user, delete_user))
+        .routes(routes!(list_roles, create_role))
+        .routes(routes!(get_role, update_role, delete_role))
+        .routes(routes!(get_config))
+        .routes(routes!(set_config))
+        .routes(routes!(audit_log))
+}
+
+/// Usernames: 1–64 characters of letters, digits and `. _ @ + -`, so they are
+/// safe in headers, logs and URLs.
+pub fn validate_username(username: &str) -> Result<String, ApiError> {
+    let ok = (1..=64).contains(&username.chars().count())
+        && username
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '+' | '-'));
+    if ok {
+        Ok(username.to_owned())
+    } else {
+        Err(ApiError::validation(
+            "username",
+            "must be 1 to 64 letters, digits or . _ @ + -",
+        ))
+    }
+}
+
+pub fn validate_email(email: Option<&str>) -> Result<Option<String>, ApiError> {
+    match email.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(e)
+            if e.len() <= 254
+                && e.split_once('@')
+                    .is_some_and(|(l, d)| !l.is_empty() && d.contains('.'))
+                && !e.chars().any(char::is_whitespace) =>
+        {
+            Ok(Some(e.to_owned()))
+        }
+        Some(_) => Err(ApiError::validation("email", "is not an email address")),
+    }
+}
+
+fn validate_names(field: &'static str, names: &[String]) -> Result<Vec<String>, ApiError> {
+    let mut out = Vec::with_capacity(names.len());
+    for n in names {
+        let ok =
+            (1..=128).contains(&n.len()) && n.chars().all(|c| c.is_ascii_graphic() && c != ',');
+        if !ok {
+            return Err(ApiError::validation(
+                field,
+                format!("{n:?} is not a valid name"),
+            ));
+        }
+        if !out.contains(n) {
+            out.push(n.clone());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn admin_event(
+    kind: &'static str,
+    admin: &Claims,
+    client: &auth::ClientInfo,
+    detail: serde_json::Value,
+) -> AuditEvent {
+    let mut event = AuditEvent::new(kind, "success")
+        .ip(client.ip)
+        .detail(detail);
+    event.user_id = admin.user_id();
+    event.username = Some(admin.username.clone());
+    event
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListUsersQuery {
+    /// Page size, 1–200 (default 50).
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Only usernames containing this (case-insensitive).
+    pub username: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UserList {
+    pub users: Vec<User>,
+    pub next_cursor: Option<String>,
+}
+
+/// List users, paginated.
+#[utoipa::path(get, path = "/v1/admin/users", tag = "admin", security(("bearer" = [])), params(ListUsersQuery),
+    responses(
+        (status = 200, description = "A page of users", body = UserList),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an administrator", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn list_users(
+    State(state): State<AppState>,
+    Admin(_): Admin,
+    Query(q): Query<ListUsersQuery>,
+) -> Result<axum::Json<UserList>, ApiError> {
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::validation("limit", "must be from 1 to 200"));
+    }
+    let page = state
+        .db
+        .list_users(q.username.as_deref(), q.cursor.as_deref(), limit)
+        .await?;
+    Ok(axum::Json(UserList {
+        users: page.users,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    pub username: String,
+    pub email: Option<String>,
+    pub password: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+/// Create a user.
+#[utoipa::path(post, path = "/v1/admin/users", tag = "admin", security(("bearer" = [])), request_body = CreateUser,
+    responses(
+        (status = 201, description = "Created", body = User),
+        (status = 409, description = "Username (any case) or email taken", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field, weak password or unknown role", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn create_user(
+    State(state): State<AppState>,
+    Admin(admin): Admin,
+    Client(client): Client,
+    Json(body): Json<CreateUser>,
+) -> Result<Response, ApiError> {
+    let username = validate_username(&body.username)?;
+    let email = validate_email(body.email.as_deref())?;
+    let roles = validate_names("roles", &body.roles)?;
+    let phc = auth::hash_new_password(
+        &state,
+        SecretString::from(body.password),
+        &username,
+        email.as_deref(),
+    )
+    .await?;
+    let event = admin_event(
+        "admin_user_create",
+        &admin,
+        &client,
+        serde_json::json!({ "target": username, "roles": roles }),
+    );
+    let user = state
+        .db
+        .create_user(
+            &NewUser {
+                username,
+                email,
+                password_hash: phc,
+                roles,
+            },
+            &event,
+        )
+        .await?;
+    Ok((StatusCode::CREATED, axum::Json(user)).into_response())
+}
+
+/// Read a user.
+#[utoipa::path(get, path = "/v1/admin/users/{id}", tag = "admin", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "User id")),
+    responses(
+        (status = 200, description = "The user", body = User),
+        (status = 404, description = "No such user", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get_user(
+    State(state): State<AppState>,
+    Admin(_): Admin,
+    Path(id): Path<Uuid>,
+) -> Result<axum::Json<User>, ApiError> {
+    state
+        .db
+        .get_user(id)
+        .await?
+        .map(axum::Json)
+        .ok_or(ApiError::NotFound)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchUser {
+    /// A new email; `null` clears it.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
+    pub email: Option<Option<String>>,
+    pub disabled: Option<bool>,
+    /// Replaces the user's roles; in force from the session's next refresh.
+    pub roles: Option<Vec<String>>,
+    /// Resets the password; ends the user's sessions.
+    pub password: Option<String>,
+}
+
+/// Distinguishes an absent field (leave alone) from `null` (clear).
+fn double_option<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+/// Update a user: email, disabled, roles, password reset.
+#[utoipa::path(patch, path = "/v1/admin/users/{id}", tag = "admin", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "User id")), request_body = PatchUser,
+    responses(
+        (status = 200, description = "Updated", body = User),
+        (status = 404, description = "No such user", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Email taken", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn update_user(
+    State(state): State<AppState>,
+    Admin(admin): Admin,
+    Client(client): Client,
+    Path(id): Path<Uuid>,
+    Json(body): Json<PatchUser>,
+) -> Result<axum::Json<User>, ApiError> {
+    let existing = state.db.get_user(id).await?.ok_or(ApiError::NotFound)?;
+    let email = match body.email {
+        None => None,
+        Some(e) => Some(validate_email(e.as_deref())?),
+    };
+    let roles = body
+        .roles
+        .as_deref()
+        .map(|r| validate_names("roles", r))
+        .transpose()?;
+    let reset = body.password.is_some();
+    let password_hash = match body.password {
+        None => None,
+        Some(p) => {
+            let email_now = email.clone().unwrap_or(existing.email.clone());
+            Some(
+                auth::hash_new_password(
+                    &state,
+                    SecretString::from(p),
+                    &existing.username,
+                    email_now.as_deref(),
+                )
+                .await?,
+            )
+        }
+    };
+    let event = admin_event(
+        "admin_user_update",
+        &admin,
+        &client,
+        serde_json::json!({
+            "target": existing.username, "target_id": id, "disabled": body.disabled,
+            "roles": roles, "email_changed": email.is_some(), "password_reset": reset,
+        }),
+    );
+    let user = state
+        .db
+        .update_user(
+            id,
+            &UserUpdate {
+                email,
+                disabled: body.disabled,
+                roles,
+                password_hash,
+            },
+            &event,
+        )
+        .await?;
+    if body.disabled == Some(true) || reset {
+        auth::revoke_user_sessions(&state, id).await;
+    }
+    Ok(axum::Json(user))
+}
+
+/// Delete a user and end their sessions.
+#[utoipa::path(delete, path = "/v1/admin/users/{id}", tag = "admin", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "User id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such user", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn delete_user(
+    State(state): State<AppState>,
+    Admin(admin): Admin,
+    Client(client): Client,
+    Path(id): Path<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    let event = admin_event(
+        "admin_user_delete",
+        &admin,
+        &client,
+        serde_json::json!({ "target_id": id }),
+    );
+    state.db.delete_user(id, &event).await?;
+    auth::revoke_user_sessions(&state, id).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// List roles with their permissions.
+#[utoipa::path(get, path = "/v1/admin/roles", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, description = "Roles", body = [Role])))]
+pub async fn list_roles(
+    State(state): State<AppState>,
+    Admin(_): Admin,
+) -> Result<axum::Json<Vec<Role>>, ApiError> {
+    Ok(axum::Json(state.db.list_roles().await?))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRole {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub permissions: Vec<String>,
+}
+
+/// Create a role.
+#[utoipa::path(post, path = "/v1/admin/roles", tag = "admin", security(("bearer" = [])), request_body = CreateRole,
+    responses(
+        (status = 201, description = "Created", body = Role),
+        (status = 409, description = "Exists", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid name or permission", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn create_role(
+    State(state): State<AppState>,
+    Admin(admin): Admin,
+    Client(client): Client,
+    Json(body): Json<CreateRole>,
+) -> Result<Response, ApiError> {
+    let name = validate_names("name", std::slice::from_ref(&body.name))?.remove(0);
+    let permissions = validate_names("permissions", &body.permissions)?;
+    if body.description.len() > 1024 {
+        return Err(ApiError::validation(
+            "description",
+            "must be at most 1024 bytes",
+        ));
+    }
+    let event = admin_event(
+        "admin_role_create",
+        &admin,
+        &client,
+        serde_json::json!({ "role": name, "permissions": permissions }),
+    );
+    let role = state
+        .db
+        .create_role(
+            &Role {
+                name,
+                description: body.description,
+                permissions,
+            },
+            &event,
+        )
+        .await?;
+    Ok((StatusCode::CREATED, axum::Json(role)).into_response())
+}
+
+/// Read a role.
+#[utoipa::path(get, path = "/v1/admin/roles/{name}", tag = "admin", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Role name")),
+    responses(
+        (status = 200, description = "The role", body = Role),
+        (status = 404, description = "No such role", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get_role(
+    State(state): State<AppState>,
+    Admin(_): Admin,
+    Path(name): Path<String>,
+) -> Result<axum::Json<Role>, ApiError> {
+    state
+        .db
+        .get_role(&name)
+        .await?
+        .map(axum::Json)
+        .ok_or(ApiError::NotFound)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchRole {
+    pub description: Option<String>,
+    /// Replaces the permissions; in force from each session's next refresh.
+    pub permissions: Option<Vec<String>>,
+}
+
+/// Update a role's description or permissions.
+#[utoipa::path(patch, path = "/v1/admin/roles/{name}", tag = "admin", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Role name")), request_body = PatchRole,
+    responses(
+        (status = 200, description = "Updated", body = Role),
+        (status = 404, description = "No such role", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid permission", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn update_role(
+    State(state): State<AppState>,
+    Admin(admin): Admin,
+    Client(client): Client,
+    Path(name): Path<String>,
+    Json(body): Json<PatchRole>,
+) -> Result<axum::Json<Role>, ApiError> {
+    let permissions = body
+        .permissions
+        .as_deref()
+        .map(|p| validate_names("permissions", p))
+        .transpose()?;
+    if body.description.as_ref().is_some_and(|d| d.len() > 1024) {
+        return Err(ApiError::validation(
+            "description",
+            "must be at most 1024 bytes",
+        ));
+    }
+    let event = admin_event(
+        "admin_role_update",
+        &admin,
+        &client,
+        serde_json::json!({ "role": name, "permissions": permissions }),
+    );
+    let role = state
+        .db
+        .update_role(
+            &name,
+            &RoleUpdate {
+                description: body.description,
+                permissions,
+            },
+            &event,
+        )
+        .await?;
+    Ok(axum::Json(role))
+}
+
+/// Delete a role (its assignments go with it).
+#[utoipa::path(delete, path = "/v1/admin/roles/{name}", tag = "admin", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Role name")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such role", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn delete_role(
+    State(state): State<AppState>,
+    Admin(admin): Admin,
+    Client(client): Client,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let event = admin_event(
+        "admin_role_delete",
+        &admin,
+        &client,
+        serde_json::json!({ "role": name }),
+    );
+    state.db.delete_role(&name, &event).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Every runtime configuration key with the value in force.
+#[utoipa::path(get, path = "/v1/admin/config", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, description = "Key → value", body = Object)))]
+pub async fn get_config(
+    State(state): State<AppState>,
+    Admin(_): Admin,
+) -> Result<axum::Json<serde_json::Map<String, serde_json::Value>>, ApiError> {
+    // Read through to the store so the answer reflects a change made a moment ago
+    // on another replica, not this replica's last poll.
+    let entries = state.db.load_configuration().await?;
+    Ok(axum::Json(RuntimeConfig::from_entries(&entries).to_map()))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigValue {
+    #[schema(value_type = Object)]
+    pub value: serde_json::Value,
+}
+
+/// Set one runtime configuration key; every replica applies it within 5 s.
+#[utoipa::path(put, path = "/v1/admin/config/{key}", tag = "admin", security(("bearer" = [])),
+    params(("key" = String, Path, description = "Configuration key")), request_body = ConfigValue,
+    responses(
+        (status = 200, description = "Every key with the value in force", body = Object),
+        (status = 422, description = "Unknown key, wrong type or out of range", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn set_config(
+    State(state): State<AppState>,
+    Admin(admin): Admin,
+    Client(client): Client,
+    Path(key): Path<String>,
+    Json(body): Json<ConfigValue>,
+) -> Result<axum::Json<serde_json::Map<String, serde_json::Value>>, ApiError> {
+    let entries = state.db.load_configuration().await?;
+    let mut config = RuntimeConfig::from_entries(&entries);
+    config.set(&key, &body.value).map_err(|e| match e {
+        ConfigValueError::UnknownKey(_) => ApiError::validation("key", e.to_string()),
+        ConfigValueError::Invalid { .. } => ApiError::validation("value", e.to_string()),
+    })?;
+    let event = admin_event(
+        "admin_config_set",
+        &admin,
+        &client,
+        serde_json::json!({ "key": key, "value": body.value }),
+    );
+    state
+        .db
+        .set_configuration(&key, &body.value, &event)
+        .await?;
+    if let Err(e) = state.runtime.refresh(&state.db).await {
+        tracing::warn!(error = %e, "configuration stored; this replica applies it at its next poll");
+    }
+    Ok(axum::Json(config.to_map()))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AuditQuery {
+    /// How many of the newest events, 1–500 (default 100).
+    pub limit: Option<u32>,
+}
+
+/// The newest security audit events.
+#[utoipa::path(get, path = "/v1/admin/audit", tag = "admin", security(("bearer" = [])), params(AuditQuery),
+    responses((status = 200, description = "Events, newest first", body = [StoredAuditEvent])))]
+pub async fn audit_log(
+    State(state): State<AppState>,
+    Admin(_): Admin,
+    Query(q): Query<AuditQuery>,
+) -> Result<axum::Json<Vec<StoredAuditEvent>>, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::validation("limit", "must be from 1 to 500"));
+    }
+    Ok(axum::Json(state.db.recent_audit(limit).await?))
+}

@@ -1,0 +1,110 @@
+//! The storage interface for users, roles, runtime configuration, audit events and
+//! signing keys, implemented by [`super::postgres`] and [`super::sqlite`], and by
+//! [`super::Database`], which picks the configured backend and guards the call.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::StoreError;
+use crate::users::{
+    AuditEvent, Credentials, NewUser, Role, RoleUpdate, StoredAuditEvent, User, UserPage,
+    UserUpdate,
+};
+
+/// A signing key as stored: the private half encrypted under the key-encryption key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKey {
+    pub kid: String,
+    /// `EdDSA` or `ES256`.
+    pub algorithm: String,
+    /// Public key: raw 32 bytes for Ed25519, uncompressed SEC1 point for P-256.
+    pub public_key: Vec<u8>,
+    /// nonce || AES-256-GCM ciphertext of the PKCS#8 private key.
+    pub private_key_encrypted: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+    /// When it starts signing; before that it is only published.
+    pub activates_at: DateTime<Utc>,
+}
+
+/// Users, roles, configuration, audit and keys. Every mutation that an operator
+/// makes takes the audit event and writes it in the same transaction, so a change
+/// and its record commit together or not at all.
+///
+/// Errors: `NotFound` for a missing user/role, `Conflict` for a duplicate username
+/// (any letter case), email or role name, `Invalid` for a reference to a role that
+/// does not exist.
+#[allow(async_fn_in_trait)] // used with concrete types only, never as dyn
+pub trait IdentityStore {
+    async fn create_user(&self, user: &NewUser, audit: &AuditEvent) -> Result<User, StoreError>;
+    async fn get_user(&self, id: Uuid) -> Result<Option<User>, StoreError>;
+    /// Case-insensitive lookup by username.
+    async fn find_credentials(&self, username: &str) -> Result<Option<Credentials>, StoreError>;
+    /// Users ordered by lower-cased username, after `cursor` (exclusive), whose
+    /// username contains `filter` (case-insensitive).
+    async fn list_users(
+        &self,
+        filter: Option<&str>,
+        cursor: Option<&str>,
+        limit: u32,
+    ) -> Result<UserPage, StoreError>;
+    /// Applies the update; a new password hash also sets `password_changed_at`.
+    async fn update_user(
+        &self,
+        id: Uuid,
+        update: &UserUpdate,
+        audit: &AuditEvent,
+    ) -> Result<User, StoreError>;
+    async fn delete_user(&self, id: Uuid, audit: &AuditEvent) -> Result<(), StoreError>;
+    /// Replaces the hash after a parameter change (rehash on login); leaves
+    /// `password_changed_at` alone.
+    async fn replace_password_hash(&self, id: Uuid, password_hash: &str) -> Result<(), StoreError>;
+    /// Creates `user` (and `role` if missing, giving it to the user) only when no
+    /// user exists at all. Exactly one of several replicas starting at once wins;
+    /// the others get `Ok(None)`.
+    async fn create_first_user(
+        &self,
+        user: &NewUser,
+        role: &Role,
+        audit: &AuditEvent,
+    ) -> Result<Option<User>, StoreError>;
+    async fn count_users(&self) -> Result<i64, StoreError>;
+
+    async fn list_roles(&self) -> Result<Vec<Role>, StoreError>;
+    async fn get_role(&self, name: &str) -> Result<Option<Role>, StoreError>;
+    async fn create_role(&self, role: &Role, audit: &AuditEvent) -> Result<Role, StoreError>;
+    async fn update_role(
+        &self,
+        name: &str,
+        update: &RoleUpdate,
+        audit: &AuditEvent,
+    ) -> Result<Role, StoreError>;
+    async fn delete_role(&self, name: &str, audit: &AuditEvent) -> Result<(), StoreError>;
+
+    async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
+    /// Newest first.
+    async fn recent_audit(&self, limit: u32) -> Result<Vec<StoredAuditEvent>, StoreError>;
+
+    /// Every stored configuration entry.
+    async fn load_configuration(&self) -> Result<Vec<(String, serde_json::Value)>, StoreError>;
+    /// A cheap value that changes whenever any entry changes (count and newest
+    /// `last_modified`), polled by every replica.
+    async fn configuration_version(&self) -> Result<String, StoreError>;
+    async fn set_configuration(
+        &self,
+        key: &str,
+        value: &serde_json::Value,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+
+    /// All keys, oldest activation first.
+    async fn signing_keys(&self) -> Result<Vec<StoredKey>, StoreError>;
+    /// Inserts `key` only if the newest stored key (by activation) is still
+    /// `expected_newest` (None: no key at all), under a lock so that of several
+    /// replicas rotating at once exactly one succeeds. Returns whether it did.
+    async fn add_signing_key(
+        &self,
+        key: &StoredKey,
+        expected_newest: Option<&str>,
+    ) -> Result<bool, StoreError>;
+    async fn delete_signing_keys(&self, kids: &[String]) -> Result<(), StoreError>;
+}

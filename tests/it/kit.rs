@@ -1,0 +1,278 @@
+//! The test kit: real datastores and real instances of the service.
+//!
+//! `scripts/test` starts one PostgreSQL and one 6-node Redis Cluster for the whole
+//! run and exports their addresses. Each test isolates itself: a fresh database
+//! per test, fresh usernames (and so fresh Redis keys, which hash-tag the user),
+//! OS-chosen ports. Tests that must stop a datastore start a private one.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{net::SocketAddr, path::PathBuf, process::Stdio, time::Duration};
+
+use auth_service::{
+    app::{AppState, Application},
+    config::{Config, DatabaseConfig, KeyEncryptionKey, RedisConfig},
+};
+use secrecy::SecretString;
+use sqlx::{Connection, Executor, PgConnection};
+use tokio::sync::oneshot;
+
+fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: run the integration tests through `scripts/test`, which \
+             starts PostgreSQL and a Redis Cluster and exports their addresses"
+        )
+    })
+}
+
+/// URL of the shared test PostgreSQL's maintenance database (superuser).
+pub fn admin_database_url() -> String {
+    required_env("AUTH_TEST_DATABASE_URL")
+}
+
+/// Seed URLs of the shared 6-node test Redis Cluster.
+pub fn redis_cluster_urls() -> Vec<String> {
+    required_env("AUTH_TEST_REDIS_URLS")
+        .split(',')
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A new, empty database on the shared PostgreSQL; returns its URL.
+pub async fn fresh_database() -> String {
+    let admin = admin_database_url();
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = PgConnection::connect(&admin)
+        .await
+        .expect("connect to test PostgreSQL");
+    conn.execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .expect("create test database");
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+    format!("{base}/{name}")
+}
+
+/// A fresh username, so tests sharing Redis and a database never collide.
+pub fn username(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// A password that passes the default policy.
+pub const PASSWORD: &str = "correct horse battery staple 42";
+
+pub fn test_kek() -> KeyEncryptionKey {
+    KeyEncryptionKey::new([7u8; 32])
+}
+
+/// Configuration for an instance on PostgreSQL `db_url` and the shared cluster.
+pub fn postgres_config(db_url: &str) -> Config {
+    let mut config = Config::for_storage(
+        DatabaseConfig::Postgres {
+            url: SecretString::from(db_url.to_owned()),
+        },
+        Some(RedisConfig {
+            urls: redis_cluster_urls()
+                .into_iter()
+                .map(SecretString::from)
+                .collect(),
+            cluster: true,
+        }),
+        std::env::temp_dir(),
+    )
+    .unwrap();
+    config.key_encryption_key = Some(test_kek());
+    fast(&mut config);
+    config
+}
+
+/// Configuration for an embedded-mode instance in `dir`.
+pub fn embedded_config(dir: &std::path::Path) -> Config {
+    let mut config =
+        Config::for_storage(DatabaseConfig::Embedded, None, dir.to_path_buf()).unwrap();
+    fast(&mut config);
+    config
+}
+
+/// Test speed: a short shutdown delay and cheap password hashing.
+fn fast(config: &mut Config) {
+    config.shutdown_delay = Duration::from_millis(200);
+    config.drain_timeout = Duration::from_secs(5);
+    config.password_hash.memory_kib = 1024;
+    config.password_hash.iterations = 1;
+}
+
+/// One running instance in this process.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub url: String,
+    pub client: reqwest::Client,
+    pub state: AppState,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestApp {
+    /// Builds and starts an instance, and waits until it is ready.
+    pub async fn spawn(config: Config) -> Self {
+        let app = Application::build(config).await.expect("build app");
+        let addr = app.local_addr();
+        let state = app.state().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        let this = Self {
+            addr,
+            url: format!("http://{addr}"),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        this.wait_ready().await;
+        this
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.client.get(format!("{}/health", self.url)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "instance never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.get(format!("{}{path}", self.url))
+    }
+
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.post(format!("{}{path}", self.url))
+    }
+
+    pub fn put(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.put(format!("{}{path}", self.url))
+    }
+
+    pub fn patch(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.patch(format!("{}{path}", self.url))
+    }
+
+    pub fn delete(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.delete(format!("{}{path}", self.url))
+    }
+
+    /// Shuts the instance down as SIGTERM would and waits for it to stop.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The release-or-debug binary Cargo built for this test run.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_auth-service"))
+}
+
+/// A free loopback port (bound and released; good enough for a child process).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A private single-node Redis that a test may stop.
+pub struct PrivateRedis {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> Self {
+        let bin =
+            std::env::var("AUTH_TEST_REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into());
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = std::process::Command::new(&bin)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {bin} ({e}); install it with `apt-get install redis-server`")
+            });
+        let this = Self {
+            port,
+            dir,
+            child: Some(child),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "private redis did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        this
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
