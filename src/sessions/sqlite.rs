@@ -704,6 +704,40 @@ mod tests {
         Ok(())
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_refreshes_with_one_token_rotate_once() -> TestResult {
+        let (_dir, store) = store().await?;
+        let now = base();
+        let s = session(Uuid::new_v4(), now);
+        store.create(&s, "h0", IDLE).await?;
+        // Both present h0 at once; without the write lock up front both could read
+        // it as current and both rotate.
+        let tasks: Vec<_> = ["x1", "x2", "x3", "x4"]
+            .into_iter()
+            .map(|replacement| {
+                let store = store.clone();
+                let (uid, sid) = (s.user_id, s.id);
+                tokio::spawn(async move {
+                    store
+                        .rotate_refresh(uid, sid, "h0", replacement, now + 1, 0, IDLE)
+                        .await
+                })
+            })
+            .collect();
+        let mut rotated = 0;
+        for task in tasks {
+            match task.await?? {
+                RefreshOutcome::Rotated(_) => rotated += 1,
+                RefreshOutcome::Reused | RefreshOutcome::Unknown => {}
+                RefreshOutcome::Grace(_) => panic!("no grace configured"),
+            }
+        }
+        assert_eq!(rotated, 1);
+        // The replays after the rotation revoked the session.
+        assert!(!store.check(s.user_id, s.id, now + 2, IDLE).await?);
+        Ok(())
+    }
+
     #[tokio::test]
     async fn unknown_hash_or_session_leaves_everything_alone() -> TestResult {
         let (_dir, store) = store().await?;

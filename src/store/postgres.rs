@@ -132,7 +132,8 @@ async fn set_user_roles(
         .execute(&mut *conn)
         .await?;
     sqlx::query(
-        "INSERT INTO user_roles (user_id, role_name) SELECT DISTINCT $1, r FROM unnest($2::text[]) AS r",
+        "INSERT INTO user_roles (user_id, role_name) \
+         SELECT DISTINCT $1, r FROM unnest($2::text[]) AS r",
     )
     .bind(user_id)
     .bind(roles)
@@ -281,7 +282,8 @@ impl IdentityStore for PgPool {
                  email = CASE WHEN $2 THEN $3 ELSE email END, \
                  disabled = COALESCE($4, disabled), \
                  password_hash = COALESCE($5, password_hash), \
-                 password_changed_at = CASE WHEN $5::text IS NULL THEN password_changed_at ELSE now() END, \
+                 password_changed_at = \
+                     CASE WHEN $5::text IS NULL THEN password_changed_at ELSE now() END, \
                  updated_at = now() \
              WHERE id = $1",
         )
@@ -342,7 +344,7 @@ impl IdentityStore for PgPool {
         // Replicas starting at once queue here; each, once it holds the lock, sees
         // the users committed by the one before it (READ COMMITTED takes a new
         // snapshot per statement), so exactly one finds the table empty.
-        sqlx::query("SELECT $1::int8")
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(FIRST_USER_LOCK)
             .execute(&mut *tx)
             .await?;
@@ -521,8 +523,10 @@ impl IdentityStore for PgPool {
             .execute(&mut *tx)
             .await?;
         sqlx::query(
-            "INSERT INTO configuration (key, value, last_modified) VALUES ($1, $2, clock_timestamp()) \
-             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, last_modified = EXCLUDED.last_modified",
+            "INSERT INTO configuration (key, value, last_modified) \
+             VALUES ($1, $2, clock_timestamp()) \
+             ON CONFLICT (key) DO UPDATE \
+             SET value = EXCLUDED.value, last_modified = EXCLUDED.last_modified",
         )
         .bind(key)
         .bind(value)
@@ -558,7 +562,8 @@ impl IdentityStore for PgPool {
             .execute(&mut *tx)
             .await?;
         let newest: Option<String> = sqlx::query_scalar(
-            "SELECT kid FROM signing_keys ORDER BY activates_at DESC, created_at DESC, kid DESC LIMIT 1",
+            "SELECT kid FROM signing_keys \
+             ORDER BY activates_at DESC, created_at DESC, kid DESC LIMIT 1",
         )
         .fetch_optional(&mut *tx)
         .await?;

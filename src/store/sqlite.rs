@@ -215,7 +215,8 @@ async fn insert_user(
     let now = now();
     sqlx::query(
         "INSERT INTO users \
-         (id, username, email, password_hash, disabled, created_at, updated_at, password_changed_at) \
+         (id, username, email, password_hash, disabled, \
+          created_at, updated_at, password_changed_at) \
          VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5, ?5)",
     )
     .bind(id.hyphenated())
@@ -546,7 +547,8 @@ impl IdentityStore for SqlitePool {
         let mut tx = self.begin_with(BEGIN_WRITE).await?;
         sqlx::query(
             "INSERT INTO configuration (key, value, last_modified) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value, last_modified = excluded.last_modified",
+             ON CONFLICT (key) DO UPDATE \
+             SET value = excluded.value, last_modified = excluded.last_modified",
         )
         .bind(key)
         .bind(value)
@@ -578,7 +580,8 @@ impl IdentityStore for SqlitePool {
         // Compare-and-insert inside one write transaction.
         let mut tx = self.begin_with(BEGIN_WRITE).await?;
         let newest: Option<String> = sqlx::query_scalar(
-            "SELECT kid FROM signing_keys ORDER BY activates_at DESC, created_at DESC, kid DESC LIMIT 1",
+            "SELECT kid FROM signing_keys \
+             ORDER BY activates_at DESC, created_at DESC, kid DESC LIMIT 1",
         )
         .fetch_optional(&mut *tx)
         .await?;

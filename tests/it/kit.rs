@@ -276,3 +276,89 @@ impl Drop for PrivateRedis {
         self.stop();
     }
 }
+
+/// Starts `n` replicas sharing one database and the shared Redis Cluster.
+pub async fn replicas(n: usize, config: impl Fn() -> Config) -> Vec<TestApp> {
+    let mut apps = Vec::with_capacity(n);
+    for _ in 0..n {
+        apps.push(TestApp::spawn(config()).await);
+    }
+    apps
+}
+
+/// Creates a role straight in the store (tests of other things need one fast).
+pub async fn create_role(app: &TestApp, name: &str, permissions: &[&str]) {
+    use auth_service::store::IdentityStore;
+    app.state
+        .db
+        .create_role(
+            &auth_service::users::Role {
+                name: name.into(),
+                description: String::new(),
+                permissions: permissions.iter().map(|p| p.to_string()).collect(),
+            },
+            &auth_service::users::AuditEvent::new("test", "success"),
+        )
+        .await
+        .unwrap();
+}
+
+/// Creates a user with `PASSWORD` and the given roles; returns the username.
+pub async fn create_user(app: &TestApp, roles: &[&str]) -> String {
+    use auth_service::store::IdentityStore;
+    let username = username("u");
+    let phc = app
+        .state
+        .hasher
+        .hash(SecretString::from(PASSWORD))
+        .await
+        .unwrap();
+    app.state
+        .db
+        .create_user(
+            &auth_service::users::NewUser {
+                username: username.clone(),
+                email: None,
+                password_hash: phc,
+                roles: roles.iter().map(|r| r.to_string()).collect(),
+            },
+            &auth_service::users::AuditEvent::new("test", "success"),
+        )
+        .await
+        .unwrap();
+    username
+}
+
+/// Logs in and returns the token pair; panics unless it succeeds.
+pub async fn login(app: &TestApp, username: &str) -> serde_json::Value {
+    let r = app
+        .post("/v1/auth/login")
+        .json(&serde_json::json!({"username": username, "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "login of {username} failed");
+    r.json().await.unwrap()
+}
+
+/// An access token of a fresh user holding `auth:admin`.
+pub async fn admin_token(app: &TestApp) -> String {
+    let role = username("admins");
+    create_role(app, &role, &["auth:admin"]).await;
+    let admin = create_user(app, &[&role]).await;
+    login(app, &admin).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Status of GET /v1/auth/validate with `token`.
+pub async fn validate_status(app: &TestApp, token: &str) -> u16 {
+    app.get("/v1/auth/validate")
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}

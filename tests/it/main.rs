@@ -5,5 +5,7 @@
 
 mod kit;
 
+mod admin;
 mod foundation;
 mod storage;
+mod tokens;
