@@ -362,3 +362,129 @@ pub async fn validate_status(app: &TestApp, token: &str) -> u16 {
         .status()
         .as_u16()
 }
+
+/// Runs `script` in bash with the repository's datastore library loaded, and
+/// returns its stdout. The library is what `scripts/test` uses, so tests that
+/// need a private datastore start it exactly the same way.
+fn datastore_script(script: &str) -> String {
+    let lib = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/lib/datastores.sh");
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!("set -euo pipefail; source '{lib}'; {script}"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "datastore script failed: {script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A private PostgreSQL that a test may stop.
+pub struct PrivatePostgres {
+    pub url: String,
+    dir: tempfile::TempDir,
+    stopped: bool,
+}
+
+impl PrivatePostgres {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = datastore_script(&format!(
+            "start_postgres '{}' >&2; echo \"$AUTH_TEST_DATABASE_URL\"",
+            dir.path().display()
+        ));
+        Self {
+            url,
+            dir,
+            stopped: false,
+        }
+    }
+
+    /// Stops the server at once, as a crash or failover would.
+    pub fn stop(&mut self) {
+        if !self.stopped {
+            self.stopped = true;
+            let data = self.dir.path().join("pg").join("data");
+            let _ = datastore_script(&format!(
+                "bin=$(_ds_pg_bin_dir); _ds_as_pg_user '{}' \"$bin/pg_ctl\" -D '{}' -m immediate -w stop >&2",
+                self.dir.path().join("pg").display(),
+                data.display()
+            ));
+        }
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A private Redis Cluster (3 masters, 1 replica each) that a test may break.
+pub struct PrivateCluster {
+    pub urls: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateCluster {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let urls = datastore_script(&format!(
+            "start_redis_cluster '{}' 3 1 >&2; echo \"$AUTH_TEST_REDIS_URLS\"",
+            dir.path().display()
+        ));
+        Self {
+            urls: urls.split(',').map(str::to_owned).collect(),
+            _dir: dir,
+        }
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.urls
+            .iter()
+            .filter_map(|u| u.rsplit(':').next()?.parse().ok())
+            .collect()
+    }
+
+    /// `redis-cli -p port args...`, stdout.
+    pub fn cli(port: u16, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .arg("-p")
+            .arg(port.to_string())
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The ports of the current masters.
+    pub fn masters(&self) -> Vec<u16> {
+        self.ports()
+            .into_iter()
+            .filter(|p| Self::cli(*p, &["role"]).starts_with("master"))
+            .collect()
+    }
+
+    /// Kills one node with SIGKILL (no shutdown, no save).
+    pub fn kill(&self, port: u16) {
+        let pid = Self::cli(port, &["info", "server"])
+            .lines()
+            .find_map(|l| l.strip_prefix("process_id:").map(|p| p.trim().to_owned()))
+            .expect("redis pid");
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .unwrap();
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        for port in self.ports() {
+            let _ = Self::cli(port, &["shutdown", "nosave"]);
+        }
+    }
+}

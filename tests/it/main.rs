@@ -6,6 +6,7 @@
 mod kit;
 
 mod admin;
+mod cli;
 mod foundation;
 mod storage;
 mod tokens;

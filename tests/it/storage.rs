@@ -691,6 +691,18 @@ async fn mutations_are_audited_in_their_transaction(store: &impl IdentityStore) 
     assert_eq!(events[1].user_id, Some(user.id));
 
     assert_eq!(store.recent_audit(2).await.unwrap().len(), 2);
+
+    // An event about someone else (the acting administrator) is kept as it was.
+    let by_admin = AuditEvent::new("user.created", "success").username("root");
+    store
+        .create_user(&new_user("lee", None, &[]), &by_admin)
+        .await
+        .unwrap();
+    let event = &store.recent_audit(1).await.unwrap()[0];
+    assert_eq!(
+        (event.user_id, event.username.as_deref()),
+        (None, Some("root"))
+    );
 }
 
 async fn configuration_changes_move_the_version(store: &impl IdentityStore) {
