@@ -271,11 +271,12 @@ pub(super) fn distinct_sorted(mut items: Vec<String>) -> Vec<String> {
     items
 }
 
-/// The audit event of a user's creation, about the new user unless the caller
-/// named a user already: the caller cannot know the id, the store makes it.
+/// The audit event of a user's creation, given the new user's id when it names no
+/// one else: the caller cannot know the id, the store makes it. An event about
+/// someone else (the acting administrator) is left alone.
 pub(super) fn audit_for_new_user(audit: &AuditEvent, id: Uuid, username: &str) -> AuditEvent {
     let mut event = audit.clone();
-    if event.user_id.is_none() {
+    if event.user_id.is_none() && event.username.as_deref().is_none_or(|u| u == username) {
         event.user_id = Some(id);
         event.username = Some(username.to_owned());
     }
