@@ -90,21 +90,19 @@ impl StoreError {
                         c.starts_with("08") || c.starts_with("57P") || c.starts_with("53")
                     })
             }
-            Self::Redis(e) => {
-                e.is_io_error()
-                    || e.is_timeout()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                    || e.is_cluster_error()
-                    || matches!(
-                        e.kind(),
-                        ::redis::ErrorKind::TryAgain
-                            | ::redis::ErrorKind::ClusterDown
-                            | ::redis::ErrorKind::MasterDown
-                            | ::redis::ErrorKind::BusyLoadingError
-                            | ::redis::ErrorKind::ReadOnly
-                    )
-            }
+            // Everything but an answer Redis gave on purpose (a script error, a
+            // type mismatch, a bug of ours) means Redis is not there for us right
+            // now: refused, reset, timed out, cluster down or mid-failover, no
+            // node for the slot.
+            Self::Redis(e) => !matches!(
+                e.kind(),
+                ::redis::ErrorKind::ResponseError
+                    | ::redis::ErrorKind::TypeError
+                    | ::redis::ErrorKind::ExecAbortError
+                    | ::redis::ErrorKind::NoScriptError
+                    | ::redis::ErrorKind::CrossSlot
+                    | ::redis::ErrorKind::InvalidClientConfig
+            ),
             _ => false,
         }
     }

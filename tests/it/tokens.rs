@@ -510,24 +510,34 @@ async fn a_login_storm_sheds_load_while_validation_stays_served() {
 }
 
 #[tokio::test]
-async fn redis_outage_follows_the_session_outage_policy() {
+async fn redis_cluster_outage_follows_the_session_outage_policy() {
     let url = kit::fresh_database().await;
     for policy in [
         auth_service::config::OutagePolicy::Degraded,
         auth_service::config::OutagePolicy::Strict,
     ] {
-        let mut redis = kit::PrivateRedis::start().await;
+        let cluster = tokio::task::spawn_blocking(kit::PrivateCluster::start)
+            .await
+            .unwrap();
         let mut config = kit::postgres_config(&url);
         config.redis = Some(auth_service::config::RedisConfig {
-            urls: vec![secrecy::SecretString::from(redis.url())],
-            cluster: false,
+            urls: cluster
+                .urls
+                .iter()
+                .cloned()
+                .map(secrecy::SecretString::from)
+                .collect(),
+            cluster: true,
         });
         config.session_outage_policy = policy;
         let app = TestApp::spawn(config).await;
         let user = kit::create_user(&app, &[]).await;
         let pair = kit::login(&app, &user).await;
         let token = pair["access_token"].as_str().unwrap();
-        redis.stop();
+        // The whole cluster goes down.
+        for port in cluster.ports() {
+            cluster.kill(port);
+        }
         let started = Instant::now();
         let r = app
             .get("/v1/auth/validate")
