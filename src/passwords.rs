@@ -1,14 +1,18 @@
 //! Password hashing (argon2id) off the async workers, and the password policy.
 //!
-//! Hashing is the one CPU-heavy thing this service does. It runs on tokio's
-//! blocking pool behind a semaphore (at most `concurrency` hashes at once) and an
-//! admission counter (at most `queue` more waiting); beyond that, callers get
-//! [`HashError::Overloaded`] at once, which the API answers with 503 + Retry-After.
-//! A login storm therefore cannot queue without bound or slow token validation.
+//! Hashing is the one CPU-heavy thing this service does. It runs on a small pool
+//! of dedicated threads (`concurrency` of them) fed by a bounded queue (`queue`
+//! jobs); when both are full, callers get [`HashError::Overloaded`] at once, which
+//! the API answers with 503 + Retry-After. A login storm therefore cannot queue
+//! without bound or slow token validation. Dedicated threads (rather than tokio's
+//! blocking pool, which grows to hundreds of threads) also bound memory: each
+//! argon2 hash allocates `memory_kib`, and the allocator keeps a per-thread arena
+//! of it, so few threads mean few arenas.
 
 use std::sync::{
     atomic::{AtomicUsize, Ordering},
-    Arc,
+    mpsc::{self, SyncSender},
+    Arc, Mutex,
 };
 
 use argon2::{
@@ -16,7 +20,7 @@ use argon2::{
     Algorithm, Argon2, Params, Version,
 };
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 use crate::{config::PasswordHashConfig, metrics::Metrics, runtime_config::RuntimeConfig};
 
@@ -36,29 +40,19 @@ pub struct Verification {
     pub needs_rehash: bool,
 }
 
+/// One unit of work for a hashing thread.
+type Job = Box<dyn FnOnce(&Params) + Send>;
+
 /// The bounded argon2id pool.
 pub struct PasswordHasher {
-    params: Params,
-    permits: Arc<Semaphore>,
+    jobs: SyncSender<Job>,
+    /// Jobs waiting or running; admission stops at `capacity`.
     admitted: Arc<AtomicUsize>,
-    max_admitted: usize,
+    capacity: usize,
     metrics: Arc<Metrics>,
     /// Verified instead of a real hash when the user does not exist, so an unknown
     /// username costs the same time as a wrong password.
     dummy_hash: String,
-}
-
-/// Releases an admission slot when dropped (also when the client goes away).
-struct Admission {
-    admitted: Arc<AtomicUsize>,
-    metrics: Arc<Metrics>,
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        self.admitted.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.hash_queue_depth.dec();
-    }
 }
 
 impl PasswordHasher {
@@ -71,55 +65,73 @@ impl PasswordHasher {
         )
         .map_err(|e| HashError::Internal(e.to_string()))?;
         let dummy_hash = hash_blocking(&params, &random_password())?;
+        // Admission (below) bounds what is in the channel; its capacity only has to
+        // be large enough never to block a sender.
+        let capacity = config.concurrency + config.queue;
+        let (jobs, receiver) = mpsc::sync_channel::<Job>(capacity);
+        let receiver = Arc::new(Mutex::new(receiver));
+        for n in 0..config.concurrency {
+            let receiver = receiver.clone();
+            let params = params.clone();
+            std::thread::Builder::new()
+                .name(format!("argon2-{n}"))
+                .spawn(move || loop {
+                    let job = match receiver.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(poisoned) => poisoned.into_inner().recv(),
+                    };
+                    match job {
+                        Ok(job) => job(&params),
+                        // The hasher was dropped: the instance is gone.
+                        Err(_) => break,
+                    }
+                })
+                .map_err(|e| HashError::Internal(e.to_string()))?;
+        }
         Ok(Self {
-            params,
-            permits: Arc::new(Semaphore::new(config.concurrency)),
+            jobs,
             admitted: Arc::new(AtomicUsize::new(0)),
-            max_admitted: config.concurrency + config.queue,
+            capacity,
             metrics,
             dummy_hash,
         })
     }
 
-    fn admit(&self) -> Result<Admission, HashError> {
-        let before = self.admitted.fetch_add(1, Ordering::AcqRel);
-        if before >= self.max_admitted {
-            self.admitted.fetch_sub(1, Ordering::AcqRel);
-            return Err(HashError::Overloaded);
-        }
-        self.metrics.hash_queue_depth.inc();
-        Ok(Admission {
-            admitted: self.admitted.clone(),
-            metrics: self.metrics.clone(),
-        })
-    }
-
-    /// Runs `work` on the blocking pool once a hashing permit is free.
+    /// Runs `work` on a hashing thread, or refuses at once when all are busy and
+    /// the queue is full.
     async fn run<T: Send + 'static>(
         &self,
         work: impl FnOnce(&Params) -> Result<T, HashError> + Send + 'static,
     ) -> Result<T, HashError> {
-        let admission = self.admit()?;
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| HashError::Overloaded)?;
-        let params = self.params.clone();
-        let timer = self.metrics.hash_duration.start_timer();
-        // The permit moves into the blocking task: if the client disconnects, the
-        // hash still finishes before its thread is counted free again.
-        let result = tokio::task::spawn_blocking(move || {
-            let r = work(&params);
-            drop(permit);
-            r
-        })
-        .await
-        .map_err(|e| HashError::Internal(e.to_string()))?;
-        timer.observe_duration();
-        drop(admission);
+        if self.admitted.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            self.admitted.fetch_sub(1, Ordering::AcqRel);
+            return Err(HashError::Overloaded);
+        }
+        let (done, result) = oneshot::channel();
+        let metrics = self.metrics.clone();
+        let admitted = self.admitted.clone();
+        metrics.hash_queue_depth.inc();
+        let job: Job = Box::new(move |params: &Params| {
+            let timer = metrics.hash_duration.start_timer();
+            let result = work(params);
+            timer.observe_duration();
+            // Free the slot before answering, so a caller that hashes again right
+            // after this answer finds it free.
+            metrics.hash_queue_depth.dec();
+            admitted.fetch_sub(1, Ordering::AcqRel);
+            // If the client went away there is no receiver; the hash still held
+            // its slot while it ran, which is the point.
+            let _ = done.send(result);
+        });
+        if self.jobs.try_send(job).is_err() {
+            // Only when the threads are gone (or the bound above is wrong).
+            self.admitted.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.hash_queue_depth.dec();
+            return Err(HashError::Overloaded);
+        }
         result
+            .await
+            .map_err(|_| HashError::Internal("hashing thread stopped".into()))?
     }
 
     /// A new PHC string for `password`.
@@ -311,8 +323,14 @@ mod tests {
 
     #[tokio::test]
     async fn saturation_sheds_instead_of_queueing() {
-        let hasher = Arc::new(PasswordHasher::new(&small(), Arc::new(Metrics::new())).unwrap());
-        let results = futures_join(hasher.clone(), 8).await;
+        // Slow enough (~10 ms a hash) that 16 requests overlap.
+        let config = PasswordHashConfig {
+            memory_kib: 8192,
+            iterations: 2,
+            ..small()
+        };
+        let hasher = Arc::new(PasswordHasher::new(&config, Arc::new(Metrics::new())).unwrap());
+        let results = futures_join(hasher.clone(), 16).await;
         assert!(results
             .iter()
             .any(|r| matches!(r, Err(HashError::Overloaded))));

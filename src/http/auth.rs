@@ -108,11 +108,13 @@ pub struct RegisterRequest {
 pub async fn register(
     State(state): State<AppState>,
     Client(client): Client,
-    Json(body): Json<RegisterRequest>,
+    body: Result<Json<RegisterRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
+    // While registration is off the endpoint does not exist, whatever the body.
     if !state.runtime.get().registration_enabled {
         return Err(ApiError::NotFound);
     }
+    let Json(body) = body?;
     let username = super::admin::validate_username(&body.username)?;
     let email = super::admin::validate_email(body.email.as_deref())?;
     let phc = auth::hash_new_password(
