@@ -9,6 +9,16 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+/// The `outcome` label values of `auth_logins_total`.
+pub const LOGIN_OUTCOMES: [&str; 6] = [
+    "success",
+    "invalid_credentials",
+    "locked",
+    "overloaded",
+    "unavailable",
+    "error",
+];
+
 /// Every metric this service exports.
 pub struct Metrics {
     registry: Registry,
@@ -185,6 +195,21 @@ impl Metrics {
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
+        }
+        // Series that exist from the start: `increase()` over a series that appears
+        // at 1 misses that first event, so alerts on the first lockout or reuse
+        // would never fire.
+        for outcome in LOGIN_OUTCOMES {
+            m.logins.with_label_values(&[outcome]);
+        }
+        for outcome in ["valid", "invalid", "forbidden", "unavailable", "error"] {
+            m.validations.with_label_values(&[outcome]);
+        }
+        for outcome in ["success", "invalid", "unavailable", "error"] {
+            m.refreshes.with_label_values(&[outcome]);
+        }
+        for scope in ["username", "ip"] {
+            m.lockouts.with_label_values(&[scope]);
         }
         m
     }
