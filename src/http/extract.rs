@@ -197,3 +197,37 @@ where
             .map_err(|e| ApiError::validation("query", e.body_text()))
     }
 }
+
+#[cfg(test)]
+mod client_ip_tests {
+    use super::*;
+
+    fn config(trusted: &str) -> Config {
+        Config::from_lookup(|name| (name == "AUTH_TRUSTED_PROXIES").then(|| trusted.to_owned()))
+            .unwrap()
+    }
+
+    fn headers(xff: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", xff.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn an_untrusted_peer_is_the_client_whatever_it_claims() {
+        let c = config("10.0.0.0/8");
+        let peer: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(client_ip(peer, &headers("1.2.3.4"), &c), peer);
+    }
+
+    #[test]
+    fn the_right_most_untrusted_hop_behind_trusted_proxies_is_the_client() {
+        let c = config("10.0.0.0/8");
+        let peer: IpAddr = "10.0.0.2".parse().unwrap();
+        // The left-most entry is client-supplied and forgeable.
+        let ip = client_ip(peer, &headers("6.6.6.6, 198.51.100.7, 10.0.0.1"), &c);
+        assert_eq!(ip, "198.51.100.7".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(peer, &HeaderMap::new(), &c), peer);
+        assert_eq!(client_ip(peer, &headers("garbage"), &c), peer);
+    }
+}
