@@ -27,7 +27,7 @@ use crate::{
         keys::{embedded_key_encryption_key, KeyRing, KeyTiming},
         AccessTokens,
     },
-    users::{AuditEvent, NewUser, Role, ADMIN_PERMISSION, ADMIN_ROLE},
+    users::{AuditEvent, NewUser, ADMIN_ROLE},
 };
 
 /// Everything a request handler may need; cheap to clone.
@@ -306,11 +306,7 @@ async fn bootstrap(state: &AppState) -> Result<(), crate::auth::AuthError> {
     }
     use secrecy::ExposeSecret;
     let phc = state.hasher.hash(password.clone()).await?;
-    let role = Role {
-        name: ADMIN_ROLE.into(),
-        description: "Administers users, roles and configuration".into(),
-        permissions: vec![ADMIN_PERMISSION.into()],
-    };
+    let role = crate::users::admin_role();
     let created = state
         .db
         .create_first_user(

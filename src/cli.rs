@@ -27,7 +27,7 @@ use crate::{
     store::{Database, IdentityStore, StoreError},
     telemetry,
     tokens::keys::{embedded_key_encryption_key, KeyError, KeyRing, KeyTiming},
-    users::{AuditEvent, NewUser, Role, ADMIN_PERMISSION, ADMIN_ROLE},
+    users::{AuditEvent, NewUser, ADMIN_ROLE},
 };
 
 #[derive(Debug, Parser)]
@@ -184,10 +184,10 @@ async fn create_user(
 ) -> Result<(), CommandError> {
     // The same rules as POST /v1/admin/users, so the CLI cannot create a user the
     // API would refuse (usernames end up in headers and logs).
-    let username = crate::http::admin::validate_username(username)
+    let username = crate::users::validate_username(username)
         .map_err(|e| CommandError::Refused(e.to_string()))?;
-    let email = crate::http::admin::validate_email(email)
-        .map_err(|e| CommandError::Refused(e.to_string()))?;
+    let email =
+        crate::users::validate_email(email).map_err(|e| CommandError::Refused(e.to_string()))?;
     roles.sort();
     roles.dedup();
     let password = read_password(&username)?;
@@ -244,11 +244,7 @@ async fn ensure_admin_role(db: &Database) -> Result<(), CommandError> {
     if db.get_role(ADMIN_ROLE).await?.is_some() {
         return Ok(());
     }
-    let role = Role {
-        name: ADMIN_ROLE.into(),
-        description: "Administers users, roles and configuration".into(),
-        permissions: vec![ADMIN_PERMISSION.into()],
-    };
+    let role = crate::users::admin_role();
     let audit = AuditEvent::new("cli_role_create", "success")
         .detail(serde_json::json!({ "target": ADMIN_ROLE }));
     match db.create_role(&role, &audit).await {

@@ -37,36 +37,12 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(audit_log))
 }
 
-/// Usernames: 1–64 characters of letters, digits and `. _ @ + -`, so they are
-/// safe in headers, logs and URLs.
 pub fn validate_username(username: &str) -> Result<String, ApiError> {
-    let ok = (1..=64).contains(&username.chars().count())
-        && username
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '+' | '-'));
-    if ok {
-        Ok(username.to_owned())
-    } else {
-        Err(ApiError::validation(
-            "username",
-            "must be 1 to 64 letters, digits or . _ @ + -",
-        ))
-    }
+    crate::users::validate_username(username).map_err(ApiError::from)
 }
 
 pub fn validate_email(email: Option<&str>) -> Result<Option<String>, ApiError> {
-    match email.map(str::trim) {
-        None | Some("") => Ok(None),
-        Some(e)
-            if e.len() <= 254
-                && e.split_once('@')
-                    .is_some_and(|(l, d)| !l.is_empty() && d.contains('.'))
-                && !e.chars().any(char::is_whitespace) =>
-        {
-            Ok(Some(e.to_owned()))
-        }
-        Some(_) => Err(ApiError::validation("email", "is not an email address")),
-    }
+    crate::users::validate_email(email).map_err(ApiError::from)
 }
 
 fn validate_names(field: &'static str, names: &[String]) -> Result<Vec<String>, ApiError> {

@@ -214,6 +214,12 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::users::FieldError> for ApiError {
+    fn from(e: crate::users::FieldError) -> Self {
+        Self::validation(e.field, e.message)
+    }
+}
+
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {

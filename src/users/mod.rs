@@ -13,6 +13,60 @@ pub const ADMIN_PERMISSION: &str = "auth:admin";
 /// The role bootstrap creates and gives the first administrator.
 pub const ADMIN_ROLE: &str = "admin";
 
+/// A field that breaks a rule; the text is safe to show the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} {message}")]
+pub struct FieldError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+/// Usernames: 1–64 characters of letters, digits and `. _ @ + -`, so they are
+/// safe in headers, logs and URLs. The same rule for the API and the CLI.
+pub fn validate_username(username: &str) -> Result<String, FieldError> {
+    let ok = (1..=64).contains(&username.chars().count())
+        && username
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '+' | '-'));
+    if ok {
+        Ok(username.to_owned())
+    } else {
+        Err(FieldError {
+            field: "username",
+            message: "must be 1 to 64 letters, digits or . _ @ + -".into(),
+        })
+    }
+}
+
+/// An optional email: empty means none; otherwise a plausible address.
+pub fn validate_email(email: Option<&str>) -> Result<Option<String>, FieldError> {
+    match email.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(e)
+            if e.len() <= 254
+                && e.split_once('@')
+                    .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.'))
+                && !e.chars().any(char::is_whitespace) =>
+        {
+            Ok(Some(e.to_owned()))
+        }
+        Some(_) => Err(FieldError {
+            field: "email",
+            message: "is not an email address".into(),
+        }),
+    }
+}
+
+/// The built-in administrator role, as bootstrap and `create-user --role admin`
+/// create it.
+pub fn admin_role() -> Role {
+    Role {
+        name: ADMIN_ROLE.into(),
+        description: "Administers users, roles and configuration".into(),
+        permissions: vec![ADMIN_PERMISSION.into()],
+    }
+}
+
 /// A user as the API shows it (never with the password hash).
 #[derive(Debug, Clone, Serialize, ToSchema, PartialEq, Eq)]
 pub struct User {
