@@ -147,7 +147,7 @@ free_port() {
 		clash=0
 		for p in "${_DS_RESERVED_PORTS[@]}"; do
 			# A reserved port may be a cluster node, whose bus is p+10000.
-			if ((port == p || port == p + 10000 || (bus && port + 10000 == p) || (bus && port == p))); then
+			if ((port == p || port == p + 10000 || (bus && port + 10000 == p))); then
 				clash=1
 				break
 			fi
@@ -271,7 +271,11 @@ _ds_start_redis_node() {
 			--save "" --appendonly no --repl-diskless-sync-delay 0 \
 			--enable-debug-command local \
 			--bind 127.0.0.1 --port "$port" --daemonize yes --dir "$node_dir" \
-			--logfile "$node_dir/redis.log" --pidfile "$node_dir/redis.pid" >/dev/null || true
+			--logfile "$node_dir/redis.log" --pidfile "$node_dir/redis.pid" >/dev/null || {
+			# Non-zero only before daemonizing: a bad option or an unusable binary.
+			_ds_die "redis-server refused to start (its message is above)"
+			return 1
+		}
 		deadline=$(($(_ds_now_ms) + 5000))
 		while (($(_ds_now_ms) < deadline)); do
 			# Ask for its dir rather than PING: if our node failed to bind, whatever else
@@ -296,13 +300,14 @@ _ds_start_redis_node() {
 # N_MASTERS*(1+N_REPLICAS_PER_MASTER) cluster-enabled redis-server nodes under
 # DIR/redis, join them with redis-cli --cluster create, and wait (at most 30 s) until
 # every node reports cluster_state:ok and knows every other node, and every replica has
-# finished its first sync (master_link_status:up). Exports:
+# finished its first sync (master_link_status:up on the replica, state=online on its
+# master): a replica that never synced would not fail over. Exports:
 #   AUTH_TEST_REDIS_URLS=redis://127.0.0.1:<p1>,redis://127.0.0.1:<p2>,...  (all nodes)
 #   AUTH_TEST_REDIS_SERVER_BIN=<path of redis-server>
 start_redis_cluster() {
 	local dir=${1:?usage: start_redis_cluster DIR [N_MASTERS] [N_REPLICAS_PER_MASTER]}
 	local masters=${2:-3} replicas=${3:-1}
-	local total nodes_dir i port ports=() addrs=() urls=() started_ms deadline pending
+	local total nodes_dir i port ports=() addrs=() urls=() started_ms deadline pending repl
 	started_ms=$(_ds_now_ms)
 	if ((masters < 3)); then
 		_ds_die "redis-cli --cluster create needs at least 3 masters (got $masters)"
@@ -342,9 +347,15 @@ start_redis_cluster() {
 					pending+=("$port: does not know all $total nodes yet")
 					continue
 				}
-			if [[ $(_ds_redis_field "$port" role info replication) == slave ]]; then
-				[[ $(_ds_redis_field "$port" master_link_status info replication) == up ]] ||
+			# Both ends of every replication link must be up: the replica's side
+			# (master_link_status) flips when it has loaded the RDB, the master's
+			# (state=online) only once the replica has acknowledged it.
+			repl=$(redis-cli -h 127.0.0.1 -p "$port" info replication 2>/dev/null | tr -d '\r')
+			if [[ $repl == *role:slave* ]]; then
+				[[ $repl == *master_link_status:up* ]] ||
 					pending+=("$port: replica has not finished its first sync")
+			elif [[ $(grep -c '^slave[0-9]*:.*state=online' <<<"$repl") -ne $replicas ]]; then
+				pending+=("$port: master does not see all $replicas replica(s) online")
 			fi
 		done
 		((${#pending[@]} == 0)) && break
