@@ -4,15 +4,23 @@
 //! waiting for any dependency; [`Application::run_until_stopped`] serves at once
 //! (liveness answers from the first millisecond) while startup work — migrations,
 //! then readiness — runs beside it, retrying while PostgreSQL is unreachable.
+//!
+//! Connections are served by our own accept loop ([`serve`]) rather than
+//! `axum::serve`, which cannot time out a client that never finishes its headers.
 
 use std::{
     future::Future,
     net::SocketAddr,
+    pin::pin,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use tokio::net::TcpListener;
+use axum::{extract::ConnectInfo, Router};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tower::ServiceExt as _;
 
 use crate::{
     config::{Config, DatabaseConfig},
@@ -182,12 +190,9 @@ impl Application {
         };
 
         let app = http::router(state.clone());
-        let server = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(graceful);
-        let mut server = tokio::spawn(async move { server.await });
+        let server = serve(listener, app, graceful, state.config.header_read_timeout);
+        // Aborting this task (drain timeout) drops its connections with it.
+        let mut server = tokio::spawn(server);
 
         let result = tokio::select! {
             // The server only ends by itself on an accept-loop error.
@@ -209,6 +214,112 @@ impl Application {
         tracing::info!("stopped");
         result
     }
+}
+
+/// Largest request head (request line and headers) a client may send; beyond it
+/// hyper answers 431 and closes. Gateways forward the original request's headers
+/// (cookies included) to forward-auth, so this is generous next to our own needs.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Most header fields in one request; beyond it 431.
+const MAX_HEADERS: usize = 100;
+
+/// Serves HTTP/1.1 on `listener` until `stop_accepting` resolves, then stops
+/// accepting, lets every connection finish its in-flight request (idle keep-alive
+/// connections close at once, busy ones after their response) and returns when
+/// all are gone. The same semantics as `axum::serve(..).with_graceful_shutdown`,
+/// plus what it cannot configure:
+///
+/// - a header-read timeout, so connections that never finish their headers
+///   (slowloris) are closed instead of held forever; hyper also applies it to
+///   idle keep-alive connections, which is fine for a service behind load
+///   balancers that reconnect;
+/// - limits on header size and count.
+///
+/// Every connection task lives in a `JoinSet`: dropping this future (the drain
+/// timeout aborts it) closes them all.
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    stop_accepting: impl Future<Output = ()> + Send + 'static,
+    header_read_timeout: Duration,
+) -> std::io::Result<()> {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .max_headers(MAX_HEADERS)
+        .max_header_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut stop_accepting = pin!(stop_accepting);
+    loop {
+        tokio::select! {
+            () = &mut stop_accepting => break,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        accept_error(e).await;
+                        continue;
+                    }
+                };
+                // Responses are small and written whole: send them at once.
+                let _ = stream.set_nodelay(true);
+                let app = app.clone();
+                let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                    let mut req = req.map(axum::body::Body::new);
+                    // What `into_make_service_with_connect_info` would insert: the
+                    // client IP extractor reads it.
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    app.clone().oneshot(req)
+                });
+                let conn = http.serve_connection(TokioIo::new(stream), service);
+                let mut shutdown = shutdown_rx.clone();
+                connections.spawn(async move {
+                    let mut conn = pin!(conn);
+                    let result = tokio::select! {
+                        result = conn.as_mut() => result,
+                        () = async {
+                            // The guard wait_for returns must not live across the
+                            // drain below (it is not Send).
+                            let _ = shutdown.wait_for(|stop| *stop).await;
+                        } => {
+                            // Closes an idle connection now, a busy one after the
+                            // response it is working on.
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    };
+                    if let Err(e) = result {
+                        // Timeouts, resets, malformed requests: the client's
+                        // business. hyper's errors never carry header values.
+                        tracing::debug!(error = %e, "connection closed with an error");
+                    }
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let _ = shutdown_tx.send(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Connection-level accept errors are the client's; anything else (out of file
+/// descriptors) is ours, and retrying at once would spin: wait a second, as
+/// axum::serve does.
+async fn accept_error(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "accept failed; retrying in 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 fn flatten(joined: Result<std::io::Result<()>, tokio::task::JoinError>) -> std::io::Result<()> {

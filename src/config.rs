@@ -63,6 +63,17 @@ pub enum OutagePolicy {
     Strict,
 }
 
+/// Which browser origins may call the API (CORS). Without `AUTH_CORS_ORIGINS` no
+/// CORS header is ever sent, so browsers keep the same-origin policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    /// `*`: any origin. Safe only because the API takes bearer tokens, never
+    /// cookies, so a foreign page cannot act with a user's ambient credentials.
+    Any,
+    /// Exact origins such as `https://app.example.com`.
+    List(Vec<String>),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Json,
@@ -140,6 +151,14 @@ pub struct Config {
     pub key_publish_lead: Duration,
     /// `EdDSA` (Ed25519, default) or `ES256`.
     pub signing_algorithm: jsonwebtoken::Algorithm,
+    /// How long a client may take to send a request's headers; also how long an
+    /// idle keep-alive connection stays open (hyper times both the same way).
+    /// Bounds slowloris connections that never finish their headers.
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a whole request body (408 after it).
+    pub body_read_timeout: Duration,
+    /// Browser origins allowed by CORS; None: CORS off.
+    pub cors_origins: Option<CorsOrigins>,
 }
 
 impl Config {
@@ -357,6 +376,20 @@ impl Config {
                     ))
                 }
             },
+            header_read_timeout: positive_duration(
+                &get,
+                "AUTH_HEADER_READ_TIMEOUT",
+                Duration::from_secs(30),
+            )?,
+            body_read_timeout: positive_duration(
+                &get,
+                "AUTH_BODY_READ_TIMEOUT",
+                Duration::from_secs(5),
+            )?,
+            cors_origins: match get("AUTH_CORS_ORIGINS") {
+                None => None,
+                Some(v) => Some(parse_cors_origins(&v)?),
+            },
         })
     }
 
@@ -469,6 +502,56 @@ fn duration(
     }
 }
 
+/// A duration that must not be zero (a zero timeout would refuse every client).
+fn positive_duration(
+    get: &impl Fn(&str) -> Option<String>,
+    variable: &'static str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let d = duration(get, variable, default)?;
+    if d.is_zero() {
+        return Err(ConfigError::new(variable, "must be longer than zero"));
+    }
+    Ok(d)
+}
+
+/// `*`, or comma-separated origins: scheme and host (and port), nothing else, the
+/// way browsers send them in `Origin`. A path or a trailing slash never matches a
+/// browser's `Origin`, so it is refused rather than silently allowing nobody.
+fn parse_cors_origins(v: &str) -> Result<CorsOrigins, ConfigError> {
+    let entries: Vec<&str> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if entries == ["*"] {
+        return Ok(CorsOrigins::Any);
+    }
+    let mut origins = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let rest = entry
+            .strip_prefix("https://")
+            .or_else(|| entry.strip_prefix("http://"));
+        let valid = rest.is_some_and(|host| {
+            !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+        });
+        if !valid {
+            return Err(ConfigError::new(
+                "AUTH_CORS_ORIGINS",
+                format!(
+                    "{entry:?} is not an origin like https://app.example.com (scheme and host, \
+                     no path), and `*` must stand alone"
+                ),
+            ));
+        }
+        origins.push(entry.to_ascii_lowercase());
+    }
+    Ok(CorsOrigins::List(origins))
+}
+
 fn number<T>(
     get: &impl Fn(&str) -> Option<String>,
     variable: &'static str,
@@ -566,6 +649,26 @@ mod tests {
             (&[("AUTH_LOG_FORMAT", "xml")], "AUTH_LOG_FORMAT"),
             (&[("AUTH_REDIS_CLUSTER", "maybe")], "AUTH_REDIS_CLUSTER"),
             (&[("AUTH_ISSUER", "localhost")], "AUTH_ISSUER"),
+            (
+                &[("AUTH_HEADER_READ_TIMEOUT", "0s")],
+                "AUTH_HEADER_READ_TIMEOUT",
+            ),
+            (
+                &[("AUTH_BODY_READ_TIMEOUT", "fast")],
+                "AUTH_BODY_READ_TIMEOUT",
+            ),
+            (
+                &[("AUTH_CORS_ORIGINS", "https://app.example.com/")],
+                "AUTH_CORS_ORIGINS",
+            ),
+            (
+                &[("AUTH_CORS_ORIGINS", "app.example.com")],
+                "AUTH_CORS_ORIGINS",
+            ),
+            (
+                &[("AUTH_CORS_ORIGINS", "*,https://a.example")],
+                "AUTH_CORS_ORIGINS",
+            ),
         ];
         for (vars, variable) in cases {
             let err = parse(vars).expect_err(variable);
@@ -603,6 +706,41 @@ mod tests {
             assert!(!printed.contains(secret), "{secret} leaked: {printed}");
         }
         assert!(printed.contains("REDACTED"));
+    }
+
+    #[test]
+    fn client_limits_default_and_parse() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.body_read_timeout, Duration::from_secs(5));
+        assert_eq!(c.cors_origins, None, "CORS is off unless configured");
+        let c = parse(&[
+            ("AUTH_HEADER_READ_TIMEOUT", "2s"),
+            ("AUTH_BODY_READ_TIMEOUT", "750ms"),
+        ])
+        .unwrap();
+        assert_eq!(c.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.body_read_timeout, Duration::from_millis(750));
+    }
+
+    #[test]
+    fn cors_origins_are_exact_origins_or_a_lone_star() {
+        let c = parse(&[(
+            "AUTH_CORS_ORIGINS",
+            " https://App.example.com, http://localhost:3000 ,",
+        )])
+        .unwrap();
+        assert_eq!(
+            c.cors_origins,
+            Some(CorsOrigins::List(vec![
+                "https://app.example.com".into(),
+                "http://localhost:3000".into()
+            ]))
+        );
+        let c = parse(&[("AUTH_CORS_ORIGINS", "*")]).unwrap();
+        assert_eq!(c.cors_origins, Some(CorsOrigins::Any));
+        let c = parse(&[("AUTH_CORS_ORIGINS", "  ")]).unwrap();
+        assert_eq!(c.cors_origins, None, "empty means unset");
     }
 
     #[test]

@@ -124,8 +124,11 @@ pub async fn list_users(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
+    #[schema(example = "bob", pattern = r"^[A-Za-z0-9._@+-]{1,64}$")]
     pub username: String,
+    #[schema(example = "bob@example.com")]
     pub email: Option<String>,
+    #[schema(example = "a long passphrase nobody guesses")]
     pub password: String,
     #[serde(default)]
     pub roles: Vec<String>,
@@ -323,6 +326,8 @@ pub async fn list_roles(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRole {
+    /// 1 to 128 printable ASCII characters, no comma.
+    #[schema(example = "editors", pattern = r"^[!-+\--~]{1,128}$")]
     pub name: String,
     #[serde(default)]
     pub description: String,

@@ -2,7 +2,7 @@
 //! gateways, the caller's profile, password change and session management.
 
 use axum::{
-    extract::{Path, Query, State},
+    extract::{DefaultBodyLimit, State},
     http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     routing::any,
@@ -16,7 +16,9 @@ use uuid::Uuid;
 
 use super::{
     error::{ApiError, Problem},
-    extract::{bearer_token, Authenticated, Client, Json},
+    // Ours, not axum's: their rejections are problem+json (axum's Path and Query
+    // answer plain text; schemathesis found a 400 `Invalid URL` that way).
+    extract::{bearer_token, Authenticated, Client, Json, Path, Query},
 };
 use crate::{
     app::AppState,
@@ -28,6 +30,8 @@ use crate::{
 };
 
 pub fn router() -> OpenApiRouter<AppState> {
+    // Every body here is a few hundred bytes, and most of these routes need no
+    // token: a tighter limit than the admin API's.
     OpenApiRouter::new()
         .routes(routes!(login))
         .routes(routes!(register))
@@ -39,6 +43,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(change_password))
         .routes(routes!(list_sessions))
         .routes(routes!(revoke_session))
+        .layer(DefaultBodyLimit::max(super::PUBLIC_BODY_LIMIT))
 }
 
 /// Gateways forward any method and path (Envoy's `path_prefix`), so these routes
@@ -91,9 +96,11 @@ pub async fn login(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
-    #[schema(example = "alice")]
+    #[schema(example = "alice", pattern = r"^[A-Za-z0-9._@+-]{1,64}$")]
     pub username: String,
+    #[schema(example = "alice@example.com")]
     pub email: Option<String>,
+    #[schema(example = "correct horse battery staple")]
     pub password: String,
 }
 
@@ -144,6 +151,10 @@ pub async fn register(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshRequest {
+    /// The refresh token of the last pair; it is used up by this call.
+    #[schema(
+        example = "rt1.8c5b0a1de0ae4e5b9f8f6e07d4c1a2b3.0f1e2d3c4b5a49687766554433221100.q8Jd0n3kR1nB3Vd1mZ0wA9sT5yU2xE7cL4hG6fP8oIk"
+    )]
     pub refresh_token: String,
 }
 
@@ -236,6 +247,10 @@ pub async fn validate_get(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ValidateRequest {
+    /// An access token (a JWT).
+    #[schema(
+        example = "eyJhbGciOiJFZERTQSIsImtpZCI6IjIwMjYtMDEtMDEiLCJ0eXAiOiJKV1QifQ.e30.c2lnbmF0dXJl"
+    )]
     pub token: String,
 }
 
@@ -257,6 +272,9 @@ pub async fn validate_post(
 
 /// Gateway check (nginx `auth_request`, Traefik ForwardAuth, Envoy ext_authz): any
 /// method, any path below; identity headers and an empty body.
+///
+/// Documented for every method OpenAPI names, on `/v1/auth/forward-auth` and on
+/// `/v1/auth/forward-auth/{path}`; any other method is answered the same way.
 #[utoipa::path(get, path = "/v1/auth/forward-auth", tag = "validate", security(("bearer" = [])), params(PermissionQuery),
     responses(
         (status = 200, description = "Valid; identity headers set, empty body"),
@@ -295,7 +313,9 @@ pub async fn me(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordChange {
+    #[schema(example = "correct horse battery staple")]
     pub current_password: String,
+    #[schema(example = "a much longer passphrase nobody guesses")]
     pub new_password: String,
 }
 

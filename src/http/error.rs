@@ -20,18 +20,24 @@ use crate::{auth::AuthError, store::StoreError};
 pub struct Problem {
     /// `urn:auth-service:problem:<code>`.
     #[serde(rename = "type")]
+    #[schema(example = "urn:auth-service:problem:validation_failed")]
     pub type_uri: String,
     /// Short human-readable summary of the problem type.
+    #[schema(example = "Unprocessable Entity")]
     pub title: String,
     /// HTTP status code.
+    #[schema(example = 422)]
     pub status: u16,
     /// Human-readable explanation of this occurrence.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "invalid value for username: must be 1 to 64 letters, digits or . _ @ + -")]
     pub detail: Option<String>,
     /// Stable machine-readable code.
+    #[schema(example = "validation_failed")]
     pub code: String,
     /// The request field at fault, for validation errors.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "username")]
     pub field: Option<String>,
 }
 
@@ -48,6 +54,8 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("request body too large")]
     PayloadTooLarge,
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     #[error("invalid username or password")]
     InvalidCredentials,
     #[error("missing bearer token")]
@@ -93,6 +101,7 @@ impl ApiError {
             Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::InvalidCredentials | Self::MissingToken | Self::InvalidToken => {
                 StatusCode::UNAUTHORIZED
             }
@@ -116,6 +125,7 @@ impl ApiError {
             Self::Validation { .. } => "validation_failed",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::RequestTimeout => "request_timeout",
             Self::InvalidCredentials => "invalid_credentials",
             Self::MissingToken => "missing_token",
             Self::InvalidToken => "invalid_token",
@@ -260,6 +270,7 @@ mod tests {
                 "unsupported_media_type",
             ),
             (ApiError::PayloadTooLarge, 413, "payload_too_large"),
+            (ApiError::RequestTimeout, 408, "request_timeout"),
             (ApiError::InvalidCredentials, 401, "invalid_credentials"),
             (ApiError::InvalidToken, 401, "invalid_token"),
             (ApiError::Forbidden("no".into()), 403, "forbidden"),
