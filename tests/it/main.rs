@@ -7,6 +7,8 @@ mod kit;
 
 mod admin;
 mod cli;
+mod client;
 mod foundation;
+mod hostile;
 mod storage;
 mod tokens;
