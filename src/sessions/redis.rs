@@ -13,7 +13,7 @@
 //! is told about (create, rotate, revoke) are followed by `WAIT 1` on the same
 //! node, bounded, so the acknowledgement normally means "on two nodes".
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use redis::{Script, Value};
 use uuid::Uuid;
@@ -129,12 +129,19 @@ if n == 1 then redis.call('PEXPIRE', KEYS[1], 60000) end
 return n
 ";
 
-/// The Redis session store.
+/// The Redis session store. Cheap to clone: it sits in the application state,
+/// which request extractors and middleware clone several times per request.
 #[derive(Clone)]
 pub struct RedisSessions {
     redis: Redis,
     /// Replicas a write waits for (0: single node without replicas).
     wait_replicas: u32,
+    /// Shared, not owned: a `Script` holds its source and hash as `String`s, so
+    /// owning four of them made every clone of the state allocate and copy ~2 KiB.
+    scripts: Arc<Scripts>,
+}
+
+struct Scripts {
     check: Script,
     update_identity: Script,
     fail: Script,
@@ -171,10 +178,12 @@ impl RedisSessions {
         Self {
             redis,
             wait_replicas,
-            check: Script::new(CHECK),
-            update_identity: Script::new(UPDATE_IDENTITY),
-            fail: Script::new(FAIL),
-            ip_fail: Script::new(IP_FAIL),
+            scripts: Arc::new(Scripts {
+                check: Script::new(CHECK),
+                update_identity: Script::new(UPDATE_IDENTITY),
+                fail: Script::new(FAIL),
+                ip_fail: Script::new(IP_FAIL),
+            }),
         }
     }
 
@@ -307,7 +316,7 @@ impl SessionStore for RedisSessions {
         now_ms: i64,
         idle_ms: i64,
     ) -> Result<bool, StoreError> {
-        let mut invocation = self.check.key(session_key(user_id, session_id));
+        let mut invocation = self.scripts.check.key(session_key(user_id, session_id));
         invocation.arg(now_ms).arg(idle_ms).arg(TOUCH_INTERVAL_MS);
         let alive: i64 = self.redis.script(&invocation).await?;
         Ok(alive == 1)
@@ -362,7 +371,7 @@ impl SessionStore for RedisSessions {
 
     async fn update_identity(&self, s: &Session) -> Result<(), StoreError> {
         let key = session_key(s.user_id, s.id);
-        let mut invocation = self.update_identity.key(key);
+        let mut invocation = self.scripts.update_identity.key(key);
         invocation
             .arg(&s.username)
             .arg(json_list(&s.roles))
@@ -453,7 +462,7 @@ impl SessionStore for RedisSessions {
         policy: LockoutPolicy,
     ) -> Result<Option<i64>, StoreError> {
         let (fails, lock) = login_keys(username);
-        let mut invocation = self.fail.key(fails);
+        let mut invocation = self.scripts.fail.key(fails);
         invocation
             .key(lock)
             .arg(policy.window_ms)
@@ -461,7 +470,7 @@ impl SessionStore for RedisSessions {
             .arg(super::BASE_LOCKOUT_MS);
         let lock_ms: i64 = self.redis.script(&invocation).await?;
         if let Some(ip) = client_ip {
-            let invocation = self.ip_fail.key(ip_key(ip));
+            let invocation = self.scripts.ip_fail.key(ip_key(ip));
             let _: i64 = self.redis.script(&invocation).await?;
         }
         Ok((lock_ms > 0).then_some(lock_ms))

@@ -54,7 +54,12 @@ impl Database {
                     PgPoolOptions::new()
                         .max_connections(16)
                         .min_connections(0)
-                        .acquire_timeout(timeout)
+                        // Half the dependency timeout: sqlx retries a refused
+                        // connection until this deadline, so while PostgreSQL is
+                        // down each call that probes it (see guard.rs) costs this
+                        // long, and a login that happens to be the probe must still
+                        // answer its 503 well within a second.
+                        .acquire_timeout(timeout / 2)
                         .idle_timeout(Duration::from_secs(300))
                         .connect_lazy_with(options),
                 )

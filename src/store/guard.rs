@@ -2,13 +2,21 @@
 //!
 //! A dependency that hangs must not hang our requests, and one that keeps failing
 //! must not collect a queue of waiting requests: after a few consecutive failures
-//! the breaker opens and calls fail at once for a cool-down, after which calls are
-//! let through again to probe it. The error the caller sees is always
+//! the breaker opens and calls fail at once for a cool-down. After it, exactly one
+//! call is let through to probe the dependency (half-open) while the others keep
+//! failing at once; the probe's success closes the breaker, its failure opens it
+//! for another cool-down. The error the caller sees is always
 //! [`StoreError::Unavailable`], which the HTTP edge turns into 503 + Retry-After.
+//!
+//! Why one probe and not every call after the cool-down: a dependency that is down
+//! often costs a call the whole timeout (sqlx keeps retrying a refused connection
+//! until its acquire timeout), and letting every call through after each cool-down
+//! made every request arriving in that window wait the full timeout, about two
+//! thirds of the time during an outage (found by scripts/eviction-drill).
 
 use std::{
     future::Future,
-    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -27,6 +35,8 @@ pub struct Guard {
     consecutive_failures: AtomicU32,
     /// Milliseconds since `epoch` until which calls are short-circuited.
     open_until_ms: AtomicU64,
+    /// A probe call is running (half-open): other calls fail at once.
+    probing: AtomicBool,
 }
 
 impl Guard {
@@ -37,6 +47,7 @@ impl Guard {
             epoch: Instant::now(),
             consecutive_failures: AtomicU32::new(0),
             open_until_ms: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
         }
     }
 
@@ -52,9 +63,10 @@ impl Guard {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Whether calls are being short-circuited right now.
+    /// Whether the breaker is open or half-open: calls other than a probe are
+    /// short-circuited.
     pub fn is_open(&self) -> bool {
-        self.now_ms() < self.open_until_ms.load(Ordering::Acquire)
+        self.consecutive_failures.load(Ordering::Acquire) >= FAILURE_THRESHOLD
     }
 
     /// Runs `call` unless the breaker is open, bounded by the timeout, and records
@@ -65,9 +77,19 @@ impl Guard {
         F: Future<Output = Result<T, E>>,
         E: Into<StoreError>,
     {
-        if self.is_open() {
-            return Err(StoreError::Unavailable(self.dependency));
-        }
+        // Held by the one call that probes a tripped breaker; frees the probe slot
+        // when dropped, even if the caller gives up on the call half-way.
+        let _probe = if self.is_open() {
+            if self.now_ms() < self.open_until_ms.load(Ordering::Acquire) {
+                return Err(StoreError::Unavailable(self.dependency));
+            }
+            match ProbeSlot::take(&self.probing) {
+                Some(slot) => Some(slot),
+                None => return Err(StoreError::Unavailable(self.dependency)),
+            }
+        } else {
+            None
+        };
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(value)) => {
                 self.record_success();
@@ -104,6 +126,23 @@ impl Guard {
     }
 }
 
+/// The right to probe a tripped breaker; released on drop.
+struct ProbeSlot<'a>(&'a AtomicBool);
+
+impl<'a> ProbeSlot<'a> {
+    fn take(flag: &'a AtomicBool) -> Option<Self> {
+        flag.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| Self(flag))
+    }
+}
+
+impl Drop for ProbeSlot<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +170,89 @@ mod tests {
         tokio::time::sleep(COOL_DOWN + Duration::from_millis(20)).await;
         let r = guard.run(async { Ok::<_, StoreError>(7) }).await;
         assert_eq!(r.unwrap(), 7);
+        assert!(!guard.is_open());
+    }
+
+    async fn trip(guard: &Guard) {
+        for _ in 0..FAILURE_THRESHOLD {
+            let _ = guard
+                .run(async { Err::<(), _>(StoreError::Unavailable(guard.dependency())) })
+                .await;
+        }
+        assert!(guard.is_open());
+    }
+
+    /// A call that must fail at once: it records whether it was polled at all.
+    async fn short_circuited(guard: &Guard) {
+        let polled = std::sync::atomic::AtomicBool::new(false);
+        let r = guard
+            .run(async {
+                polled.store(true, Ordering::SeqCst);
+                Ok::<_, StoreError>(())
+            })
+            .await;
+        assert!(!polled.load(Ordering::SeqCst), "the call was let through");
+        assert!(matches!(r, Err(StoreError::Unavailable(_))));
+    }
+
+    // Regression (scripts/eviction-drill, PostgreSQL outage): after each cool-down
+    // every concurrent call went through and waited the whole timeout, so logins
+    // during an outage took a second instead of failing fast.
+    #[tokio::test]
+    async fn after_the_cool_down_only_one_probe_goes_through() {
+        let guard = Guard::new(Dependency::Database, Duration::from_millis(300));
+        trip(&guard).await;
+        tokio::time::sleep(COOL_DOWN + Duration::from_millis(20)).await;
+        let probe = guard.run(async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok::<_, StoreError>(1)
+        });
+        let others = async {
+            // Polled after the probe has taken its slot.
+            tokio::task::yield_now().await;
+            let start = Instant::now();
+            for _ in 0..5 {
+                short_circuited(&guard).await;
+            }
+            start.elapsed()
+        };
+        let (probed, others_took) = tokio::join!(probe, others);
+        assert_eq!(probed.unwrap(), 1);
+        assert!(others_took < Duration::from_millis(50), "{others_took:?}");
+        // The probe's success closed the breaker.
+        assert!(!guard.is_open());
+        assert_eq!(
+            guard.run(async { Ok::<_, StoreError>(2) }).await.unwrap(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_probe_opens_the_breaker_again() {
+        let guard = Guard::new(Dependency::Redis, Duration::from_millis(50));
+        trip(&guard).await;
+        tokio::time::sleep(COOL_DOWN + Duration::from_millis(20)).await;
+        let r: Result<(), _> = guard
+            .run(async { Err::<(), _>(StoreError::Unavailable(Dependency::Redis)) })
+            .await;
+        assert!(r.is_err());
+        short_circuited(&guard).await;
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_probe_frees_the_probe_slot() {
+        let guard = Guard::new(Dependency::Redis, Duration::from_secs(5));
+        trip(&guard).await;
+        tokio::time::sleep(COOL_DOWN + Duration::from_millis(20)).await;
+        // The caller gives up (its request timed out, its client went away).
+        let abandoned = tokio::time::timeout(
+            Duration::from_millis(20),
+            guard.run(std::future::pending::<Result<(), StoreError>>()),
+        )
+        .await;
+        assert!(abandoned.is_err());
+        let r = guard.run(async { Ok::<_, StoreError>(3) }).await;
+        assert_eq!(r.unwrap(), 3);
         assert!(!guard.is_open());
     }
 

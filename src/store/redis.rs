@@ -14,7 +14,7 @@ use redis::{
     Cmd, FromRedisValue, Pipeline, RedisFuture, Value,
 };
 use secrecy::ExposeSecret;
-use tokio::sync::Mutex;
+use tokio::sync::OnceCell;
 
 use super::{guard::Guard, Dependency, StoreError};
 use crate::config::RedisConfig;
@@ -25,7 +25,7 @@ enum Target {
 }
 
 /// A live connection of either kind; cheap to clone (both multiplex one socket per
-/// node), and a clone per call means no lock on the hot path.
+/// node, and reconnect by themselves), so each call works on its own clone.
 #[derive(Clone)]
 pub enum Connection {
     Cluster(ClusterConnection),
@@ -62,7 +62,10 @@ impl ConnectionLike for Connection {
 
 struct Inner {
     target: Target,
-    connection: Mutex<Option<Connection>>,
+    /// Made on first use, then never replaced (it reconnects by itself). A
+    /// `OnceCell` rather than a mutex: once set, reading it is one atomic load,
+    /// where a lock taken by every Redis call serialised all validations.
+    connection: OnceCell<Connection>,
     guard: Guard,
 }
 
@@ -102,7 +105,7 @@ impl Redis {
         Ok(Self {
             inner: Arc::new(Inner {
                 target,
-                connection: Mutex::new(None),
+                connection: OnceCell::new(),
                 guard: Guard::new(Dependency::Redis, timeout),
             }),
         })
@@ -112,28 +115,35 @@ impl Redis {
         &self.inner.guard
     }
 
-    /// The shared connection, made on first use.
+    /// The shared connection, made on first use. Concurrent first calls wait for
+    /// one attempt; a failed attempt leaves the cell empty for the next call.
     async fn connection(&self) -> Result<Connection, StoreError> {
-        let mut slot = self.inner.connection.lock().await;
-        if let Some(conn) = slot.as_ref() {
+        if let Some(conn) = self.inner.connection.get() {
             return Ok(conn.clone());
         }
-        let timeout = self.inner.guard.timeout();
-        let conn = match &self.inner.target {
-            Target::Cluster(client) => Connection::Cluster(client.get_async_connection().await?),
-            Target::Single(client) => Connection::Single(
-                ConnectionManager::new_with_config(
-                    client.clone(),
-                    ConnectionManagerConfig::new()
-                        .set_connection_timeout(timeout)
-                        .set_response_timeout(timeout)
-                        .set_number_of_retries(1),
-                )
-                .await?,
-            ),
-        };
-        *slot = Some(conn.clone());
-        Ok(conn)
+        let conn = self
+            .inner
+            .connection
+            .get_or_try_init(|| async {
+                let timeout = self.inner.guard.timeout();
+                Ok::<_, StoreError>(match &self.inner.target {
+                    Target::Cluster(client) => {
+                        Connection::Cluster(client.get_async_connection().await?)
+                    }
+                    Target::Single(client) => Connection::Single(
+                        ConnectionManager::new_with_config(
+                            client.clone(),
+                            ConnectionManagerConfig::new()
+                                .set_connection_timeout(timeout)
+                                .set_response_timeout(timeout)
+                                .set_number_of_retries(1),
+                        )
+                        .await?,
+                    ),
+                })
+            })
+            .await?;
+        Ok(conn.clone())
     }
 
     /// Runs one command under the guard.

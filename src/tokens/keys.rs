@@ -78,6 +78,11 @@ impl KeySet {
         self.keys.len()
     }
 
+    #[cfg(test)]
+    pub(crate) fn keys_for_tests(&self) -> Vec<String> {
+        self.keys.iter().map(|k| k.kid.clone()).collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
@@ -381,6 +386,29 @@ pub fn embedded_key_encryption_key(dir: &std::path::Path) -> std::io::Result<Key
     f.sync_all()?;
     tracing::warn!(path = %path.display(), "generated a key-encryption key for embedded mode; keep this file private");
     Ok(KeyEncryptionKey::new(bytes))
+}
+
+#[cfg(test)]
+impl KeyRing {
+    /// A newly generated key, loaded, without a database.
+    pub(crate) fn generated_key_for_tests(&self, activates_at: DateTime<Utc>) -> LoadedKey {
+        #[allow(clippy::unwrap_used)]
+        self.load(&self.generate(activates_at).unwrap()).unwrap()
+    }
+
+    /// Replaces the ring's keys, as a reload from the database would.
+    pub(crate) fn replace_for_tests(&self, keys: Vec<LoadedKey>) {
+        let mut set = KeySet::default();
+        for key in keys {
+            let key = Arc::new(key);
+            set.by_kid.insert(key.kid.clone(), key.clone());
+            set.keys.push(key);
+        }
+        match self.current.write() {
+            Ok(mut g) => *g = Arc::new(set),
+            Err(p) => *p.into_inner() = Arc::new(set),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,20 +3,26 @@
 //! Verification pins the algorithm to the key named by `kid` — never the one the
 //! token header claims — so `alg: none` and HMAC-with-the-public-key confusion
 //! cannot pass; it checks `iss`, `aud`, `exp` and `nbf` with one second of leeway
-//! for clock differences between replicas.
+//! for clock differences between replicas. Tokens seen before are answered from
+//! [`cache::VerifiedTokens`], which re-checks the time claims and the key.
 
+pub mod cache;
 pub mod keys;
 pub mod refresh;
 
 use std::sync::Arc;
 
 use chrono::Utc;
-use jsonwebtoken::{Header, Validation};
+use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use keys::KeyRing;
+use cache::VerifiedTokens;
+use keys::{KeyRing, KeySet};
+
+/// Seconds of clock difference between replicas tolerated on `exp` and `nbf`.
+const LEEWAY_SECONDS: u64 = 1;
 
 /// The claims of an access token.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -79,14 +85,24 @@ pub struct AccessTokens {
     pub keys: Arc<KeyRing>,
     issuer: String,
     audience: String,
+    /// The verification rules for each algorithm a key may have, built once: a
+    /// `Validation` holds sets of strings, too dear to rebuild per request.
+    validations: Vec<Validation>,
+    verified: VerifiedTokens,
 }
 
 impl AccessTokens {
     pub fn new(keys: Arc<KeyRing>, issuer: String, audience: String) -> Self {
+        let validations = [Algorithm::EdDSA, Algorithm::ES256]
+            .into_iter()
+            .map(|alg| validation(alg, &issuer, &audience))
+            .collect();
         Self {
             keys,
             issuer,
             audience,
+            validations,
+            verified: VerifiedTokens::default(),
         }
     }
 
@@ -126,21 +142,192 @@ impl AccessTokens {
         if token.len() > 8192 {
             return Err(TokenError::Invalid);
         }
+        let set = self.keys.keys();
+        // A cached token whose key has left the ring is verified from scratch,
+        // which says why it fails.
+        if let Some(Ok(claims)) = self.verified.get(token, |kid| set.get(kid).is_some()) {
+            return if within_lifetime(&claims, jsonwebtoken::get_current_timestamp()) {
+                Ok(Claims::clone(&claims))
+            } else {
+                Err(TokenError::Invalid)
+            };
+        }
+        let (claims, kid) = self.verify_uncached(token, &set)?;
+        let claims = Arc::new(claims);
+        self.verified
+            .insert(token, &kid, claims.clone(), Utc::now().timestamp());
+        Ok(Arc::unwrap_or_clone(claims))
+    }
+
+    /// Full verification, without the cache: for tokens not seen before (and for
+    /// benchmarks of that path). Returns the claims and the kid that signed them.
+    pub fn verify_uncached(
+        &self,
+        token: &str,
+        set: &KeySet,
+    ) -> Result<(Claims, String), TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
         let kid = header.kid.ok_or(TokenError::Invalid)?;
-        let set = self.keys.keys();
         let key = set.get(&kid).ok_or(TokenError::UnknownKey)?;
         if header.alg != key.algorithm {
             return Err(TokenError::Invalid);
         }
-        let mut validation = Validation::new(key.algorithm);
-        validation.leeway = 1;
-        validation.validate_nbf = true;
-        validation.set_issuer(&[&self.issuer]);
-        validation.set_audience(&[&self.audience]);
-        validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
-        jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
-            .map(|data| data.claims)
+        let built;
+        let validation = match self
+            .validations
+            .iter()
+            .find(|v| v.algorithms == [key.algorithm])
+        {
+            Some(v) => v,
+            None => {
+                built = validation(key.algorithm, &self.issuer, &self.audience);
+                &built
+            }
+        };
+        jsonwebtoken::decode::<Claims>(token, &key.decoding, validation)
+            .map(|data| (data.claims, kid))
             .map_err(|_| TokenError::Invalid)
+    }
+}
+
+/// The rules for tokens signed with `algorithm`: only that algorithm, our issuer
+/// and audience, the time claims with leeway, and the claims we rely on present.
+fn validation(algorithm: Algorithm, issuer: &str, audience: &str) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = LEEWAY_SECONDS;
+    validation.validate_nbf = true;
+    validation.set_issuer(&[issuer]);
+    validation.set_audience(&[audience]);
+    validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
+    validation
+}
+
+/// The time checks of `jsonwebtoken`'s validation, repeated for a cached token:
+/// rejected when `exp < now - leeway` or `nbf > now + leeway` (`now` in Unix s).
+fn within_lifetime(claims: &Claims, now: u64) -> bool {
+    match (u64::try_from(claims.exp), u64::try_from(claims.nbf)) {
+        (Ok(exp), Ok(nbf)) => {
+            exp >= now.saturating_sub(LEEWAY_SECONDS) && nbf <= now + LEEWAY_SECONDS
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::KeyEncryptionKey;
+    use keys::KeyTiming;
+
+    fn tokens() -> AccessTokens {
+        let ring = KeyRing::new(
+            KeyEncryptionKey::new([5; 32]),
+            Algorithm::EdDSA,
+            KeyTiming {
+                publish_lead: std::time::Duration::from_secs(60),
+            },
+        );
+        ring.replace_for_tests(vec![
+            ring.generated_key_for_tests(Utc::now() - chrono::Duration::minutes(1))
+        ]);
+        AccessTokens::new(Arc::new(ring), "https://issuer".into(), "aud".into())
+    }
+
+    fn issue(tokens: &AccessTokens) -> (String, Claims) {
+        let roles = vec!["reader".to_owned()];
+        let permissions = vec!["docs:read".to_owned()];
+        tokens
+            .issue(
+                &Subject {
+                    user_id: Uuid::new_v4(),
+                    session_id: Uuid::new_v4(),
+                    username: "alice",
+                    roles: &roles,
+                    permissions: &permissions,
+                },
+                900,
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn a_token_verifies_the_same_from_the_cache() {
+        let tokens = tokens();
+        let (token, claims) = issue(&tokens);
+        assert_eq!(tokens.verify(&token).unwrap(), claims);
+        assert_eq!(tokens.verified.len(), 1);
+        assert_eq!(tokens.verify(&token).unwrap(), claims);
+        // Tampering gives another string, which the cache does not know.
+        let mut tampered = token.clone();
+        tampered.insert(token.len() - 5, 'A');
+        assert_eq!(tokens.verify(&tampered), Err(TokenError::Invalid));
+        assert_eq!(tokens.verified.len(), 1);
+    }
+
+    #[test]
+    fn a_cached_token_still_expires() {
+        let tokens = tokens();
+        let (token, claims) = issue(&tokens);
+        assert!(tokens.verify(&token).is_ok());
+        let now = Utc::now().timestamp();
+        let kid = tokens.keys.keys().keys_for_tests()[0].clone();
+        for (exp, nbf) in [(now - 5, now - 10), (now + 60, now + 30)] {
+            let cached = Claims {
+                exp,
+                nbf,
+                ..claims.clone()
+            };
+            tokens.verified.insert(&token, &kid, Arc::new(cached), now);
+            assert_eq!(tokens.verify(&token), Err(TokenError::Invalid));
+        }
+    }
+
+    #[test]
+    fn a_cached_token_fails_once_its_key_is_gone() {
+        let tokens = tokens();
+        let (token, _) = issue(&tokens);
+        assert!(tokens.verify(&token).is_ok());
+        tokens.keys.replace_for_tests(vec![tokens
+            .keys
+            .generated_key_for_tests(Utc::now() - chrono::Duration::minutes(1))]);
+        assert_eq!(tokens.verify(&token), Err(TokenError::UnknownKey));
+        assert!(tokens.verified.is_empty());
+    }
+
+    #[test]
+    fn lifetime_checks_match_the_verifier() {
+        let claims = |exp, nbf| Claims {
+            iss: String::new(),
+            aud: String::new(),
+            sub: String::new(),
+            sid: String::new(),
+            jti: String::new(),
+            iat: 0,
+            nbf,
+            exp,
+            username: String::new(),
+            roles: Vec::new(),
+            permissions: Vec::new(),
+        };
+        let now = 1_000;
+        assert!(within_lifetime(&claims(1_000, 1_000), now));
+        assert!(within_lifetime(&claims(999, 1_001), now)); // leeway both ways
+        assert!(!within_lifetime(&claims(998, 900), now));
+        assert!(!within_lifetime(&claims(2_000, 1_002), now));
+        assert!(!within_lifetime(&claims(-1, 900), now));
+    }
+
+    #[test]
+    fn the_cache_stays_bounded() {
+        let tokens = tokens();
+        let (_, claims) = issue(&tokens);
+        let claims = Arc::new(claims);
+        let now = Utc::now().timestamp();
+        for i in 0..10_000 {
+            tokens
+                .verified
+                .insert(&format!("token-{i}"), "kid", claims.clone(), now);
+        }
+        assert!(tokens.verified.len() <= 4096);
     }
 }

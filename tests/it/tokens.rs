@@ -732,6 +732,55 @@ async fn postgres_down_keeps_validate_refresh_and_logout_working() {
     app.stop().await;
 }
 
+// Regression (scripts/eviction-drill, PostgreSQL outage): after each cool-down of
+// the circuit breaker every login went to PostgreSQL and waited out the whole
+// dependency timeout, so during an outage most logins took a second instead of
+// failing fast. Several clients log in for longer than a few cool-downs.
+#[tokio::test]
+async fn logins_fail_fast_for_the_whole_postgres_outage() {
+    let mut pg = tokio::task::spawn_blocking(kit::PrivatePostgres::start)
+        .await
+        .unwrap();
+    let app = TestApp::spawn(kit::postgres_config(&pg.url)).await;
+    let user = kit::create_user(&app, &[]).await;
+    kit::login(&app, &user).await;
+    let _pg = tokio::task::spawn_blocking(move || {
+        pg.stop();
+        pg
+    })
+    .await
+    .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let clients = (0..4).map(|_| async {
+        let mut slowest = Duration::ZERO;
+        let mut logins = 0;
+        while Instant::now() < deadline {
+            let started = Instant::now();
+            let r = app
+                .post("/v1/auth/login")
+                .json(&json!({"username": user, "password": kit::PASSWORD}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 503);
+            assert!(r.headers().contains_key("retry-after"));
+            slowest = slowest.max(started.elapsed());
+            logins += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (logins, slowest)
+    });
+    for (logins, slowest) in futures::future::join_all(clients).await {
+        assert!(logins > 5, "only {logins} logins");
+        assert!(
+            slowest < Duration::from_millis(900),
+            "a login during the outage took {slowest:?}"
+        );
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn sessions_survive_the_loss_of_a_redis_master() {
     let cluster = tokio::task::spawn_blocking(kit::PrivateCluster::start)
