@@ -441,13 +441,7 @@ async fn validate_inner(
     // inline it made this future, and every handler and layer future holding it,
     // that large; each was moved several times per request (memcpy was a fifth of
     // validation's instructions). One allocation is cheaper.
-    match Box::pin(
-        state
-            .sessions
-            .check(user_id, session_id, now_ms(), idle_ms),
-    )
-    .await
-    {
+    match Box::pin(state.sessions.check(user_id, session_id, now_ms(), idle_ms)).await {
         Ok(true) => {}
         Ok(false) => return Err(AuthError::InvalidToken),
         Err(e) if e.is_unavailable() => match state.config.session_outage_policy {
