@@ -44,7 +44,7 @@ use crate::{
     about = "Evictions, crashes and datastore failovers under load"
 )]
 struct Args {
-    /// The short version CI runs (about 3 minutes).
+    /// The short version CI runs (about 2 minutes).
     #[arg(long)]
     quick: bool,
     /// Run only these scenarios (comma-separated names, see --list).
