@@ -496,6 +496,9 @@ async fn postgres(d: &mut Drill) -> Result<Outcome> {
     tokio::time::sleep(d.timing.before).await;
     let down_at = d.now();
     d.pg.stop().await?;
+    // `pg_ctl stop` returns once the server is gone; a login that started before
+    // that (on a loaded machine, hundreds of ms after `down_at`) may still succeed.
+    let stopped_at = d.now();
     d.say("PostgreSQL stopped (-m immediate)");
     tokio::time::sleep(d.timing.outage).await;
     let restart_at = d.now();
@@ -533,7 +536,7 @@ async fn postgres(d: &mut Drill) -> Result<Outcome> {
     ));
     let outage_logins: Vec<&Event> = events
         .iter()
-        .filter(|e| e.op == Op::Login && e.start >= down_at + 100.0 && e.start < restart_at)
+        .filter(|e| e.op == Op::Login && e.start >= stopped_at && e.start < restart_at)
         .collect();
     let not_503 = outage_logins
         .iter()
