@@ -64,8 +64,14 @@ struct Inner {
     target: Target,
     /// Made on first use, then never replaced (it reconnects by itself). A
     /// `OnceCell` rather than a mutex: once set, reading it is one atomic load,
-    /// where a lock taken by every Redis call serialised all validations.
+    /// where before every Redis call queued for one lock to clone it.
     connection: OnceCell<Connection>,
+    /// A second connection, for pipelines ending in `WAIT` (durable session
+    /// writes). Redis answers one connection's commands in order, and both kinds
+    /// multiplex all callers over one connection per node: on the shared one, a
+    /// `WAIT` held up every validation queued behind it on that node, for as long
+    /// as the replica took to acknowledge (up to its 200 ms bound).
+    waiting_connection: OnceCell<Connection>,
     guard: Guard,
 }
 
@@ -106,6 +112,7 @@ impl Redis {
             inner: Arc::new(Inner {
                 target,
                 connection: OnceCell::new(),
+                waiting_connection: OnceCell::new(),
                 guard: Guard::new(Dependency::Redis, timeout),
             }),
         })
@@ -115,15 +122,18 @@ impl Redis {
         &self.inner.guard
     }
 
-    /// The shared connection, made on first use. Concurrent first calls wait for
-    /// one attempt; a failed attempt leaves the cell empty for the next call.
+    /// The shared connection, made on first use.
     async fn connection(&self) -> Result<Connection, StoreError> {
-        if let Some(conn) = self.inner.connection.get() {
+        self.connection_in(&self.inner.connection).await
+    }
+
+    /// The connection in `cell`, made on first use. Concurrent first calls wait
+    /// for one attempt; a failed attempt leaves the cell empty for the next call.
+    async fn connection_in(&self, cell: &OnceCell<Connection>) -> Result<Connection, StoreError> {
+        if let Some(conn) = cell.get() {
             return Ok(conn.clone());
         }
-        let conn = self
-            .inner
-            .connection
+        let conn = cell
             .get_or_try_init(|| async {
                 let timeout = self.inner.guard.timeout();
                 Ok::<_, StoreError>(match &self.inner.target {
@@ -166,6 +176,23 @@ impl Redis {
             .guard
             .run(async {
                 let mut conn = self.connection().await?;
+                pipe.query_async::<T>(&mut conn)
+                    .await
+                    .map_err(StoreError::from)
+            })
+            .await
+    }
+
+    /// [`Self::pipeline`] for a pipeline that ends in `WAIT`, on a connection of
+    /// its own (see `waiting_connection`).
+    pub async fn pipeline_waiting<T: FromRedisValue>(
+        &self,
+        pipe: &Pipeline,
+    ) -> Result<T, StoreError> {
+        self.inner
+            .guard
+            .run(async {
+                let mut conn = self.connection_in(&self.inner.waiting_connection).await?;
                 pipe.query_async::<T>(&mut conn)
                     .await
                     .map_err(StoreError::from)

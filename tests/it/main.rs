@@ -10,5 +10,6 @@ mod cli;
 mod client;
 mod foundation;
 mod hostile;
+mod sessions;
 mod storage;
 mod tokens;
