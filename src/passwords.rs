@@ -10,8 +10,8 @@
 //! hash. Allocating it per hash, as `Argon2::hash_password` does, left the freed
 //! buffers in glibc's per-thread arenas, and RSS grew by about one buffer per login
 //! into the hundreds of MiB. On Linux the threads also run at a lower CPU priority
-//! (nice 10), so that while they keep every core busy, validation, Redis and
-//! PostgreSQL still get the CPU as soon as they need it.
+//! (nice 10), so that while they keep every core busy, the async workers (and so
+//! validation) still get the CPU as soon as they need it.
 
 use std::sync::{
     atomic::{AtomicUsize, Ordering},
@@ -303,11 +303,11 @@ impl PasswordHasher {
 }
 
 /// The nice value of hashing threads. A login storm keeps them busy on every
-/// core; at nice 10 the scheduler weighs them at about a tenth of a normal thread,
-/// so a validation (and the Redis round trip it waits for) is not queued behind
-/// them. Measured with `scripts/bench`: validate p99 during a login flood stayed
-/// within about 2x of unloaded, where at equal priority it reached 5-10x. Hashing
-/// loses nothing while the CPU is otherwise idle.
+/// core; at nice 10 the scheduler weighs them at about a tenth of this process's
+/// other threads, so the async workers serving validations get a core first.
+/// Hashing loses nothing while the CPU is otherwise idle. (Nice values rank
+/// threads within one scheduling group: other processes on the machine, such as
+/// Redis and wrk in `scripts/bench`, are not ranked against them.)
 const HASHING_NICE: i32 = 10;
 
 /// Lowers the calling thread's CPU priority. Linux keeps the nice value per thread

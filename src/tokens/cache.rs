@@ -3,7 +3,7 @@
 //!
 //! Apps and gateways validate the holder's token on every request it makes, so the
 //! same few thousand tokens come back again and again for their whole lifetime; an
-//! Ed25519 verification (~40 µs here) was most of validation's CPU. A hit still
+//! Ed25519 verification (~50 µs here) was most of validation's CPU. A hit still
 //! gets every check that can change after the token was verified:
 //! - `exp` and `nbf` against the clock, with the verifier's leeway;
 //! - the signing key is still in the ring (a key deleted after its retirement
