@@ -23,7 +23,7 @@ use crate::{
     sessions::{LockoutPolicy, RefreshOutcome, Session, SessionStore},
     store::{IdentityStore, StoreError},
     tokens::{refresh::RefreshToken, Claims, Subject, TokenError},
-    users::{AuditEvent, User, UserUpdate},
+    users::{self, AuditEvent, FieldError, NewUser, User, UserUpdate},
 };
 
 /// The domain's errors; the HTTP layer maps each to one status.
@@ -45,6 +45,12 @@ pub enum AuthError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<FieldError> for AuthError {
+    fn from(e: FieldError) -> Self {
+        Self::Invalid(e.field, e.message)
+    }
 }
 
 impl From<HashError> for AuthError {
@@ -510,6 +516,30 @@ pub async fn logout_all(
     )
     .await;
     Ok(n)
+}
+
+/// Creates an account, for registration and the admin API alike: the username and
+/// email checked, the password checked against the policy and hashed, and the user
+/// stored together with the audit event `audit` makes for the checked username.
+pub async fn create_user(
+    state: &AppState,
+    username: &str,
+    email: Option<&str>,
+    password: SecretString,
+    roles: Vec<String>,
+    audit: impl FnOnce(&str) -> AuditEvent,
+) -> Result<User, AuthError> {
+    let username = users::validate_username(username)?;
+    let email = users::validate_email(email)?;
+    let password_hash = hash_new_password(state, password, &username, email.as_deref()).await?;
+    let event = audit(&username);
+    let user = NewUser {
+        username,
+        email,
+        password_hash,
+        roles,
+    };
+    Ok(state.db.create_user(&user, &event).await?)
 }
 
 /// Checks a new password against the policy and hashes it.

@@ -23,7 +23,7 @@ use crate::{
     runtime_config::{ConfigValueError, RuntimeConfig},
     store::IdentityStore,
     tokens::Claims,
-    users::{AuditEvent, NewUser, Role, RoleUpdate, StoredAuditEvent, User, UserUpdate},
+    users::{AuditEvent, Role, RoleUpdate, StoredAuditEvent, User, UserUpdate},
 };
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -35,14 +35,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_config))
         .routes(routes!(set_config))
         .routes(routes!(audit_log))
-}
-
-pub fn validate_username(username: &str) -> Result<String, ApiError> {
-    crate::users::validate_username(username).map_err(ApiError::from)
-}
-
-pub fn validate_email(email: Option<&str>) -> Result<Option<String>, ApiError> {
-    crate::users::validate_email(email).map_err(ApiError::from)
 }
 
 fn validate_names(field: &'static str, names: &[String]) -> Result<Vec<String>, ApiError> {
@@ -147,34 +139,24 @@ pub async fn create_user(
     Client(client): Client,
     Json(body): Json<CreateUser>,
 ) -> Result<Response, ApiError> {
-    let username = validate_username(&body.username)?;
-    let email = validate_email(body.email.as_deref())?;
     let roles = validate_names("roles", &body.roles)?;
-    let phc = auth::hash_new_password(
+    let detail_roles = roles.clone();
+    let user = auth::create_user(
         &state,
+        &body.username,
+        body.email.as_deref(),
         SecretString::from(body.password),
-        &username,
-        email.as_deref(),
+        roles,
+        |username| {
+            admin_event(
+                "admin_user_create",
+                &admin,
+                &client,
+                serde_json::json!({ "target": username, "roles": detail_roles }),
+            )
+        },
     )
     .await?;
-    let event = admin_event(
-        "admin_user_create",
-        &admin,
-        &client,
-        serde_json::json!({ "target": username, "roles": roles }),
-    );
-    let user = state
-        .db
-        .create_user(
-            &NewUser {
-                username,
-                email,
-                password_hash: phc,
-                roles,
-            },
-            &event,
-        )
-        .await?;
     Ok((StatusCode::CREATED, axum::Json(user)).into_response())
 }
 
@@ -238,7 +220,7 @@ pub async fn update_user(
     let existing = state.db.get_user(id).await?.ok_or(ApiError::NotFound)?;
     let email = match body.email {
         None => None,
-        Some(e) => Some(validate_email(e.as_deref())?),
+        Some(e) => Some(crate::users::validate_email(e.as_deref())?),
     };
     let roles = body
         .roles

@@ -18,7 +18,7 @@ use super::{
     error::{ApiError, Problem},
     // Ours, not axum's: their rejections are problem+json (axum's Path and Query
     // answer plain text; schemathesis found a 400 `Invalid URL` that way).
-    extract::{bearer_token, Authenticated, Client, Json, Path, Query},
+    extract::{Authenticated, Bearer, Client, Json, Path, Query},
 };
 use crate::{
     app::AppState,
@@ -26,7 +26,7 @@ use crate::{
     sessions::SessionStore,
     store::IdentityStore,
     tokens::Claims,
-    users::{AuditEvent, NewUser, User},
+    users::{AuditEvent, User},
 };
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -122,29 +122,19 @@ pub async fn register(
         return Err(ApiError::NotFound);
     }
     let Json(body) = body?;
-    let username = super::admin::validate_username(&body.username)?;
-    let email = super::admin::validate_email(body.email.as_deref())?;
-    let phc = auth::hash_new_password(
+    let user = auth::create_user(
         &state,
+        &body.username,
+        body.email.as_deref(),
         SecretString::from(body.password),
-        &username,
-        email.as_deref(),
+        Vec::new(),
+        |username| {
+            AuditEvent::new("register", "success")
+                .username(username)
+                .ip(client.ip)
+        },
     )
     .await?;
-    let user = state
-        .db
-        .create_user(
-            &NewUser {
-                username: username.clone(),
-                email,
-                password_hash: phc,
-                roles: Vec::new(),
-            },
-            &AuditEvent::new("register", "success")
-                .username(&username)
-                .ip(client.ip),
-        )
-        .await?;
     Ok((StatusCode::CREATED, axum::Json(user)).into_response())
 }
 
@@ -237,10 +227,9 @@ fn identity_headers(claims: &Claims) -> HeaderMap {
 pub async fn validate_get(
     State(state): State<AppState>,
     Query(query): Query<PermissionQuery>,
-    headers: HeaderMap,
+    bearer: Bearer,
 ) -> Result<Response, ApiError> {
-    let token = bearer_token(&headers)?;
-    let claims = auth::validate(&state, token, query.permission.as_deref()).await?;
+    let claims = auth::validate(&state, bearer.token(), query.permission.as_deref()).await?;
     Ok((identity_headers(&claims), axum::Json(claims)).into_response())
 }
 
@@ -284,10 +273,9 @@ pub async fn validate_post(
 pub async fn forward_auth(
     State(state): State<AppState>,
     Query(query): Query<PermissionQuery>,
-    headers: HeaderMap,
+    bearer: Bearer,
 ) -> Result<Response, ApiError> {
-    let token = bearer_token(&headers)?;
-    let claims = auth::validate(&state, token, query.permission.as_deref()).await?;
+    let claims = auth::validate(&state, bearer.token(), query.permission.as_deref()).await?;
     Ok((StatusCode::OK, identity_headers(&claims)).into_response())
 }
 
