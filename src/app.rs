@@ -38,9 +38,22 @@ use crate::{
     users::{AuditEvent, NewUser, ADMIN_ROLE},
 };
 
-/// Everything a request handler may need; cheap to clone.
+/// Everything a request handler may need. One `Arc`: a request clones the state
+/// several times on its way through the layers, and one reference count costs a
+/// fraction of the dozen a field-by-field clone took.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// The shared parts of [`AppState`].
+pub struct Services {
     pub config: Arc<Config>,
     pub db: Database,
     /// None in embedded mode, where sessions live in the database.
@@ -132,7 +145,7 @@ impl Application {
             config.audience.clone(),
         ));
         let hasher = Arc::new(PasswordHasher::new(&config.password_hash, metrics.clone())?);
-        let state = AppState {
+        let state = AppState(Arc::new(Services {
             config: Arc::new(config),
             db,
             redis,
@@ -144,7 +157,7 @@ impl Application {
             metrics,
             health: Arc::new(HealthCache::default()),
             started,
-        };
+        }));
         Ok(Self { listener, state })
     }
 

@@ -16,7 +16,7 @@ use axum::{
         rejection::{BytesRejection, JsonRejection},
         ConnectInfo, FromRequest, FromRequestParts, Request,
     },
-    http::{header, request::Parts, HeaderMap, StatusCode},
+    http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode},
 };
 use serde::de::DeserializeOwned;
 
@@ -278,6 +278,37 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
         return Err(ApiError::InvalidToken);
     }
     Ok(token.trim())
+}
+
+/// The request's bearer token, unverified, for handlers that verify it
+/// themselves. Holds the header value (a reference-counted slice of the request
+/// buffer) rather than taking the whole `HeaderMap`, which axum would clone.
+pub struct Bearer(HeaderValue);
+
+impl Bearer {
+    pub fn token(&self) -> &str {
+        // Checked when extracted; a header value cannot change afterwards.
+        self.0
+            .to_str()
+            .ok()
+            .and_then(|v| v.split_once(' '))
+            .map_or("", |(_, token)| token.trim())
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Bearer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        bearer_token(&parts.headers)?;
+        Ok(Self(
+            parts
+                .headers
+                .get(header::AUTHORIZATION)
+                .cloned()
+                .ok_or(ApiError::MissingToken)?,
+        ))
+    }
 }
 
 /// A caller with a valid access token and a live session.
