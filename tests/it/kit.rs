@@ -104,6 +104,20 @@ fn fast(config: &mut Config) {
     config.password_hash.iterations = 1;
 }
 
+/// Sends the in-process apps' warnings and errors to the test's captured output,
+/// so a failing test shows why the server answered as it did (`RUST_LOG` for more).
+fn init_logging() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
 /// One running instance in this process.
 pub struct TestApp {
     pub addr: SocketAddr,
@@ -117,6 +131,7 @@ pub struct TestApp {
 impl TestApp {
     /// Builds and starts an instance, and waits until it is ready.
     pub async fn spawn(config: Config) -> Self {
+        init_logging();
         let app = Application::build(config).await.expect("build app");
         let addr = app.local_addr();
         let state = app.state().clone();
