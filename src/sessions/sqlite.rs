@@ -106,8 +106,7 @@ impl SessionStore for SqliteSessions {
             message: "out of range".into(),
         })?;
         let idle_expires_at = s.last_used_at.saturating_add(idle_ms).min(s.expires_at);
-        // Deferred is enough: both statements write, so the first takes the lock.
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
         // The lazy sweep (see the module doc); the index keeps it a range scan.
         sqlx::query("DELETE FROM sessions WHERE idle_expires_at <= ?1")
             .bind(s.created_at)

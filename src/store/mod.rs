@@ -84,11 +84,7 @@ impl StoreError {
                 ) || e
                     .as_database_error()
                     .and_then(|d| d.code())
-                    // Class 08 (connection exception), 57P (operator intervention:
-                    // shutdown, crash), 53 (insufficient resources).
-                    .is_some_and(|c| {
-                        c.starts_with("08") || c.starts_with("57P") || c.starts_with("53")
-                    })
+                    .is_some_and(|c| is_transient_database_code(&c))
             }
             // Everything but an answer Redis gave on purpose (a script error, a
             // type mismatch, a bug of ours) means Redis is not there for us right
@@ -108,6 +104,21 @@ impl StoreError {
     }
 }
 
+/// Whether a database error code means "not now" rather than "no".
+///
+/// PostgreSQL's SQLSTATEs (five characters): class 08 (connection exception), 57P
+/// (operator intervention: shutdown, crash), 53 (insufficient resources). SQLite's
+/// result codes (numbers; the low byte is the primary code): SQLITE_BUSY (5) and
+/// SQLITE_LOCKED (6) and their extended forms, when a lock was not had within the
+/// busy timeout. The embedded database is then busy, not broken: 503 and
+/// Retry-After, not 500.
+fn is_transient_database_code(code: &str) -> bool {
+    if code.len() == 5 {
+        return code.starts_with("08") || code.starts_with("57P") || code.starts_with("53");
+    }
+    code.parse::<u32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match e {
@@ -123,5 +134,30 @@ impl From<sqlx::Error> for StoreError {
 impl From<::redis::RedisError> for StoreError {
     fn from(e: ::redis::RedisError) -> Self {
         Self::Redis(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_transient_database_code;
+
+    #[test]
+    fn transient_database_codes() {
+        // PostgreSQL: connection lost, admin shutdown, too many connections.
+        for code in ["08006", "57P01", "53300"] {
+            assert!(is_transient_database_code(code), "{code}");
+        }
+        // PostgreSQL: unique violation, syntax error, serialization failure.
+        for code in ["23505", "42601", "40001"] {
+            assert!(!is_transient_database_code(code), "{code}");
+        }
+        // SQLite: BUSY, BUSY_SNAPSHOT, BUSY_TIMEOUT, LOCKED, LOCKED_SHAREDCACHE.
+        for code in ["5", "517", "773", "6", "262"] {
+            assert!(is_transient_database_code(code), "{code}");
+        }
+        // SQLite: ERROR, CONSTRAINT_UNIQUE, READONLY, CORRUPT.
+        for code in ["1", "2067", "8", "11"] {
+            assert!(!is_transient_database_code(code), "{code}");
+        }
     }
 }
