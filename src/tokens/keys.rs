@@ -60,9 +60,16 @@ pub struct KeySet {
 }
 
 impl KeySet {
-    /// The key that signs now: the newest one already active.
+    /// The key that signs now: the newest one already active. When none is (the
+    /// wall clock stepped back after the first key was made, or replicas' clocks
+    /// disagree about a key another one just created), the earliest: it is
+    /// published, and refusing every login over a clock step would be worse.
     pub fn signing_key(&self, now: DateTime<Utc>) -> Option<&Arc<LoadedKey>> {
-        self.keys.iter().rev().find(|k| k.activates_at <= now)
+        self.keys
+            .iter()
+            .rev()
+            .find(|k| k.activates_at <= now)
+            .or_else(|| self.keys.first())
     }
 
     pub fn get(&self, kid: &str) -> Option<&Arc<LoadedKey>> {
@@ -469,5 +476,9 @@ mod tests {
         };
         assert_eq!(set.signing_key(now).unwrap().kid, old.kid);
         assert_eq!(set.jwks()["keys"].as_array().unwrap().len(), 2);
+        // Before every key's activation (a clock stepped back): the earliest.
+        let before = now - chrono::Duration::hours(2);
+        assert_eq!(set.signing_key(before).unwrap().kid, old.kid);
+        assert!(KeySet::default().signing_key(now).is_none());
     }
 }
