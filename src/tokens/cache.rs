@@ -59,20 +59,16 @@ impl VerifiedTokens {
     }
 
     /// The claims of `token` if it was verified before and `key_known` still holds
-    /// for the kid that signed it. `Err(())` when it was, but its key is gone: the
-    /// entry is dropped, and the caller verifies from scratch.
-    pub fn get(
-        &self,
-        token: &str,
-        key_known: impl FnOnce(&str) -> bool,
-    ) -> Option<Result<Arc<Claims>, ()>> {
+    /// for the kid that signed it. An entry whose key is gone is dropped, and the
+    /// caller verifies from scratch.
+    pub fn get(&self, token: &str, key_known: impl FnOnce(&str) -> bool) -> Option<Arc<Claims>> {
         let mut shard = lock(self.shard(token));
         let entry = shard.get(token)?;
         if key_known(&entry.kid) {
-            return Some(Ok(entry.claims.clone()));
+            return Some(entry.claims.clone());
         }
         shard.remove(token);
-        Some(Err(()))
+        None
     }
 
     /// Remembers a token that passed full verification. `now` is Unix seconds.

@@ -145,7 +145,7 @@ impl AccessTokens {
         let set = self.keys.keys();
         // A cached token whose key has left the ring is verified from scratch,
         // which says why it fails.
-        if let Some(Ok(claims)) = self.verified.get(token, |kid| set.get(kid).is_some()) {
+        if let Some(claims) = self.verified.get(token, |kid| set.get(kid).is_some()) {
             return if within_lifetime(&claims, jsonwebtoken::get_current_timestamp()) {
                 Ok(Claims::clone(&claims))
             } else {
@@ -172,18 +172,12 @@ impl AccessTokens {
         if header.alg != key.algorithm {
             return Err(TokenError::Invalid);
         }
-        let built;
-        let validation = match self
+        // Keys are only ever of the algorithms built in `new`.
+        let validation = self
             .validations
             .iter()
             .find(|v| v.algorithms == [key.algorithm])
-        {
-            Some(v) => v,
-            None => {
-                built = validation(key.algorithm, &self.issuer, &self.audience);
-                &built
-            }
-        };
+            .ok_or(TokenError::Invalid)?;
         jsonwebtoken::decode::<Claims>(token, &key.decoding, validation)
             .map(|data| (data.claims, kid))
             .map_err(|_| TokenError::Invalid)
