@@ -213,7 +213,6 @@ fn identity_headers(claims: &Claims) -> HeaderMap {
             headers.insert(HeaderName::from_static(name), v);
         }
     }
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers
 }
 
@@ -227,9 +226,9 @@ fn identity_headers(claims: &Claims) -> HeaderMap {
 pub async fn validate_get(
     State(state): State<AppState>,
     Query(query): Query<PermissionQuery>,
-    bearer: Bearer,
+    Bearer(token): Bearer,
 ) -> Result<Response, ApiError> {
-    let claims = auth::validate(&state, bearer.token(), query.permission.as_deref()).await?;
+    let claims = auth::validate(&state, &token, query.permission.as_deref()).await?;
     Ok((identity_headers(&claims), axum::Json(claims)).into_response())
 }
 
@@ -273,9 +272,9 @@ pub async fn validate_post(
 pub async fn forward_auth(
     State(state): State<AppState>,
     Query(query): Query<PermissionQuery>,
-    bearer: Bearer,
+    Bearer(token): Bearer,
 ) -> Result<Response, ApiError> {
-    let claims = auth::validate(&state, bearer.token(), query.permission.as_deref()).await?;
+    let claims = auth::validate(&state, &token, query.permission.as_deref()).await?;
     Ok((StatusCode::OK, identity_headers(&claims)).into_response())
 }
 

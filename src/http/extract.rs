@@ -16,7 +16,7 @@ use axum::{
         rejection::{BytesRejection, JsonRejection},
         ConnectInfo, FromRequest, FromRequestParts, Request,
     },
-    http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode},
+    http::{header, request::Parts, HeaderMap, StatusCode},
 };
 use serde::de::DeserializeOwned;
 
@@ -281,33 +281,15 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
 }
 
 /// The request's bearer token, unverified, for handlers that verify it
-/// themselves. Holds the header value (a reference-counted slice of the request
-/// buffer) rather than taking the whole `HeaderMap`, which axum would clone.
-pub struct Bearer(HeaderValue);
-
-impl Bearer {
-    pub fn token(&self) -> &str {
-        // Checked when extracted; a header value cannot change afterwards.
-        self.0
-            .to_str()
-            .ok()
-            .and_then(|v| v.split_once(' '))
-            .map_or("", |(_, token)| token.trim())
-    }
-}
+/// themselves: a copy of the token rather than the whole `HeaderMap`, which axum
+/// would clone.
+pub struct Bearer(pub String);
 
 impl<S: Send + Sync> FromRequestParts<S> for Bearer {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        bearer_token(&parts.headers)?;
-        Ok(Self(
-            parts
-                .headers
-                .get(header::AUTHORIZATION)
-                .cloned()
-                .ok_or(ApiError::MissingToken)?,
-        ))
+        bearer_token(&parts.headers).map(|token| Self(token.to_owned()))
     }
 }
 

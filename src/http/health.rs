@@ -209,11 +209,8 @@ pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
         Status::Healthy | Status::Degraded => StatusCode::OK,
         Status::Starting | Status::Draining => StatusCode::SERVICE_UNAVAILABLE,
     };
-    (
-        code,
-        [(header::CACHE_CONTROL, "no-store")],
-        Json(Health { status, components }),
-    )
+    // No-store, as every response without its own Cache-Control (http::router).
+    (code, Json(Health { status, components }))
 }
 
 /// Liveness: 200 whenever the process can serve HTTP; checks no dependency.
