@@ -210,20 +210,19 @@ impl PasswordHasher {
             return Err(HashError::Overloaded);
         }
         Ok(Slot {
-            admitted: Some(self.admitted.clone()),
+            admitted: self.admitted.clone(),
         })
     }
 
-    /// Runs `work` on a hashing thread in the place `slot` holds.
+    /// Runs `work` on a hashing thread in the place `slot` holds. The job owns the
+    /// slot, so the place is freed when it has run, or when it is dropped unrun.
     async fn run<T: Send + 'static>(
         &self,
-        mut slot: Slot,
+        slot: Slot,
         work: impl FnOnce(&mut Worker) -> Result<T, HashError> + Send + 'static,
     ) -> Result<T, HashError> {
         let (done, result) = oneshot::channel();
         let metrics = self.metrics.clone();
-        // From here the job frees the place when it has run.
-        let admitted = slot.admitted.take();
         metrics.hash_queue_depth.inc();
         let job: Job = Box::new(move |worker: &mut Worker| {
             let timer = metrics.hash_duration.start_timer();
@@ -232,17 +231,14 @@ impl PasswordHasher {
             // Free the slot before answering, so a caller that hashes again right
             // after this answer finds it free.
             metrics.hash_queue_depth.dec();
-            if let Some(admitted) = admitted {
-                admitted.fetch_sub(1, Ordering::AcqRel);
-            }
+            drop(slot);
             // If the client went away there is no receiver; the hash still held
             // its slot while it ran, which is the point.
             let _ = done.send(result);
         });
         if self.jobs.try_send(job).is_err() {
-            // Only when the threads are gone (or the bound above is wrong). The
-            // job never ran, so free its place here.
-            self.admitted.fetch_sub(1, Ordering::AcqRel);
+            // Only when the threads are gone (or the bound above is wrong); the
+            // dropped job freed its place.
             self.metrics.hash_queue_depth.dec();
             return Err(HashError::Overloaded);
         }
@@ -327,15 +323,13 @@ fn lower_priority() {
 /// it frees the place.
 #[must_use = "a reserved place is freed when dropped"]
 pub struct Slot {
-    /// The pool's admission counter, until a job takes over freeing the place.
-    admitted: Option<Arc<AtomicUsize>>,
+    /// The pool's admission counter.
+    admitted: Arc<AtomicUsize>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(admitted) = self.admitted.take() {
-            admitted.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.admitted.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

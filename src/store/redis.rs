@@ -130,9 +130,6 @@ impl Redis {
     /// The connection in `cell`, made on first use. Concurrent first calls wait
     /// for one attempt; a failed attempt leaves the cell empty for the next call.
     async fn connection_in(&self, cell: &OnceCell<Connection>) -> Result<Connection, StoreError> {
-        if let Some(conn) = cell.get() {
-            return Ok(conn.clone());
-        }
         let conn = cell
             .get_or_try_init(|| async {
                 let timeout = self.inner.guard.timeout();
@@ -172,15 +169,7 @@ impl Redis {
     /// Runs a pipeline (or MULTI/EXEC transaction) under the guard. In a cluster,
     /// all its keys must share one slot.
     pub async fn pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, StoreError> {
-        self.inner
-            .guard
-            .run(async {
-                let mut conn = self.connection().await?;
-                pipe.query_async::<T>(&mut conn)
-                    .await
-                    .map_err(StoreError::from)
-            })
-            .await
+        self.pipeline_on(&self.inner.connection, pipe).await
     }
 
     /// [`Self::pipeline`] for a pipeline that ends in `WAIT`, on a connection of
@@ -189,10 +178,18 @@ impl Redis {
         &self,
         pipe: &Pipeline,
     ) -> Result<T, StoreError> {
+        self.pipeline_on(&self.inner.waiting_connection, pipe).await
+    }
+
+    async fn pipeline_on<T: FromRedisValue>(
+        &self,
+        cell: &OnceCell<Connection>,
+        pipe: &Pipeline,
+    ) -> Result<T, StoreError> {
         self.inner
             .guard
             .run(async {
-                let mut conn = self.connection_in(&self.inner.waiting_connection).await?;
+                let mut conn = self.connection_in(cell).await?;
                 pipe.query_async::<T>(&mut conn)
                     .await
                     .map_err(StoreError::from)
