@@ -85,7 +85,7 @@ pub const ALL: &[Scenario] = &[
     },
 ];
 
-fn secs(d: Duration) -> f64 {
+fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -293,7 +293,7 @@ fn eviction_checks(o: &mut Outcome, evictions: &[Eviction]) {
     ));
     let slowest_out = evictions.iter().map(|e| e.out_after).fold(0.0, f64::max);
     o.checks.push(check(
-        slowest_out < secs(SHUTDOWN_DELAY),
+        slowest_out < ms(SHUTDOWN_DELAY),
         "out of the balancer before the listener closes (AUTH_SHUTDOWN_DELAY 3 s)",
         format!("slowest after {:.2} s", slowest_out / 1000.0),
     ));
