@@ -498,6 +498,8 @@ async fn postgres(d: &mut Drill) -> Result<Outcome> {
     d.pg.stop().await?;
     // `pg_ctl stop` returns once the server is gone; a login that started before
     // that (on a loaded machine, hundreds of ms after `down_at`) may still succeed.
+    // Likewise one still waiting for a connection when PostgreSQL comes back: so
+    // the check below takes the logins that ran wholly inside the outage.
     let stopped_at = d.now();
     d.say("PostgreSQL stopped (-m immediate)");
     tokio::time::sleep(d.timing.outage).await;
@@ -536,7 +538,7 @@ async fn postgres(d: &mut Drill) -> Result<Outcome> {
     ));
     let outage_logins: Vec<&Event> = events
         .iter()
-        .filter(|e| e.op == Op::Login && e.start >= stopped_at && e.start < restart_at)
+        .filter(|e| e.op == Op::Login && e.start >= stopped_at && e.end < restart_at)
         .collect();
     let not_503 = outage_logins
         .iter()
