@@ -92,6 +92,7 @@ impl Fixture {
                     username: "alice@example.com",
                     roles: &self.roles,
                     permissions: &self.permissions,
+                    authz_version: 0,
                 },
                 900,
             )

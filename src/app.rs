@@ -33,9 +33,9 @@ use crate::{
     store::{database::Pool, Database, IdentityStore, Redis, StoreError},
     tokens::{
         keys::{embedded_key_encryption_key, KeyRing, KeyTiming},
+        refresh::RefreshTokens,
         AccessTokens,
     },
-    users::{AuditEvent, NewUser, ADMIN_ROLE},
 };
 
 /// Everything a request handler may need. One `Arc`: a request clones the state
@@ -62,6 +62,7 @@ pub struct Services {
     pub runtime: Arc<RuntimeConfigHandle>,
     pub hasher: Arc<PasswordHasher>,
     pub tokens: Arc<AccessTokens>,
+    pub refresh_tokens: RefreshTokens,
     pub lifecycle: Arc<Lifecycle>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<HealthCache>,
@@ -132,6 +133,7 @@ impl Application {
             None => embedded_key_encryption_key(&config.data_dir).map_err(StartupError::KeyFile)?,
         };
         let metrics = Arc::new(Metrics::new());
+        let refresh_tokens = RefreshTokens::new(&kek);
         let keys = Arc::new(KeyRing::new(
             kek,
             config.signing_algorithm,
@@ -153,6 +155,7 @@ impl Application {
             runtime: Arc::new(RuntimeConfigHandle::default()),
             hasher,
             tokens,
+            refresh_tokens,
             lifecycle: Arc::new(Lifecycle::new()),
             metrics,
             health: Arc::new(HealthCache::default()),
@@ -407,61 +410,91 @@ fn record_key_metrics(state: &AppState) {
 }
 
 /// Creates the first administrator when no user exists: from
-/// AUTH_BOOTSTRAP_ADMIN_*, or in embedded mode with neither set, `admin` with a
-/// random password printed once. Exactly one of several replicas starting at once
-/// creates it (see `IdentityStore::create_first_user`).
+/// AUTH_BOOTSTRAP_ADMIN_* (checked with the account rules when the configuration
+/// was read), or in embedded mode with neither set, `admin` with a random
+/// password written to a file of its own. Exactly one of several replicas
+/// starting at once creates it (see `IdentityStore::create_first_user`).
 async fn bootstrap(state: &AppState) -> Result<(), crate::auth::AuthError> {
+    if state.db.count_users().await? > 0 {
+        return Ok(());
+    }
     let (username, password, generated) = match &state.config.bootstrap_admin {
-        Some(admin) => (admin.username.clone(), admin.password.clone(), false),
+        Some(admin) => (admin.username.clone(), admin.password.clone(), None),
         None if state.db.is_embedded() => {
-            if state.db.count_users().await? > 0 {
-                return Ok(());
-            }
+            let password = crate::passwords::generate_password();
+            // Written before the account exists: an account whose password was
+            // lost would need the CLI to recover from.
+            let file = write_initial_password(&state.config.data_dir, &password).map_err(|e| {
+                crate::auth::AuthError::Internal(format!("initial password file: {e}"))
+            })?;
             (
                 "admin".to_owned(),
-                secrecy::SecretString::from(crate::passwords::generate_password()),
-                true,
+                secrecy::SecretString::from(password),
+                Some(file),
             )
         }
         None => return Ok(()),
     };
-    if state.db.count_users().await? > 0 {
-        return Ok(());
-    }
-    use secrecy::ExposeSecret;
-    let phc = state.hasher.hash(password.clone()).await?;
-    let role = crate::users::admin_role();
-    let created = state
-        .db
-        .create_first_user(
-            &NewUser {
-                username: username.clone(),
-                email: None,
-                password_hash: phc,
-                roles: vec![ADMIN_ROLE.into()],
-            },
-            &role,
-            &AuditEvent::new("bootstrap_admin", "success").username(&username),
-        )
-        .await?;
-    if created.is_some() {
-        tracing::info!(username = %username, "created the bootstrap administrator");
-        if generated {
-            // Printed once, to stderr only, never to the log stream.
-            eprintln!(
-                "\n  embedded mode: created administrator `{username}` with password: {}\n  (shown once; change it with POST /v1/auth/password)\n",
-                password.expose_secret()
-            );
+    match crate::auth::create_first_admin(state, &username, password).await {
+        Ok(Some(_)) => {
+            tracing::info!(username = %username, "created the bootstrap administrator");
+            if let Some(file) = generated {
+                // The path only: the password never goes to stderr or the logs,
+                // which are collected, kept and read by others.
+                tracing::warn!(username = %username, password_file = %file.display(), "embedded mode: created an administrator; its password is in the file (readable by this user only); log in, change it with POST /v1/auth/password, then delete the file");
+                eprintln!(
+                    "\n  embedded mode: created administrator `{username}`; its password is in {}\n  (readable by this user only; change it with POST /v1/auth/password, then delete the file)\n",
+                    file.display()
+                );
+            }
+            Ok(())
         }
+        Ok(None) => Ok(()),
+        // A rule of the stored password policy, stricter than the default the
+        // configuration was checked against: retrying cannot help.
+        Err(e @ crate::auth::AuthError::Invalid(..)) => {
+            tracing::error!(error = %e, "bootstrap administrator refused by the password policy in force; create one with `auth-service create-user --role admin`");
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
-    Ok(())
 }
 
+/// Writes the generated administrator password to `initial-admin-password` in
+/// the data directory, readable by this user only; returns the file's path.
+fn write_initial_password(
+    dir: &std::path::Path,
+    password: &str,
+) -> std::io::Result<std::path::PathBuf> {
+    use std::io::Write as _;
+    let path = dir.join("initial-admin-password");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        options.mode(0o600);
+        let mut file = options.open(&path)?;
+        // An older file keeps its mode through `open`: set it.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        writeln!(file, "{password}")?;
+    }
+    #[cfg(not(unix))]
+    writeln!(options.open(&path)?, "{password}")?;
+    Ok(path)
+}
+
+/// How often each replica prunes expired audit events (one at a time, see
+/// `auth::prune_audit`).
+const AUDIT_PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+
 /// Work every replica repeats while it runs: pick up runtime configuration
-/// changes (every second), reload signing keys, and keep the key schedule.
+/// changes (every second), reload signing keys, keep the key schedule, and
+/// prune audit events past their retention.
 async fn background(state: AppState) {
     let mut config_tick = tokio::time::interval(Duration::from_secs(1));
     let mut key_reload_tick = tokio::time::interval(state.tokens.keys.timing.reload_interval());
+    let mut audit_prune_tick = tokio::time::interval(AUDIT_PRUNE_INTERVAL);
     let mut maintain_tick = tokio::time::interval(
         state
             .tokens
@@ -471,7 +504,12 @@ async fn background(state: AppState) {
             .max(Duration::from_secs(1))
             * 2,
     );
-    for tick in [&mut config_tick, &mut key_reload_tick, &mut maintain_tick] {
+    for tick in [
+        &mut config_tick,
+        &mut key_reload_tick,
+        &mut maintain_tick,
+        &mut audit_prune_tick,
+    ] {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
     loop {
@@ -491,6 +529,15 @@ async fn background(state: AppState) {
                 if state.lifecycle.phase() == crate::shutdown::Phase::Ready {
                     if let Err(e) = maintain_keys(&state, false).await {
                         tracing::debug!(error = %e, "key maintenance failed");
+                    }
+                }
+            }
+            _ = audit_prune_tick.tick() => {
+                if state.lifecycle.phase() == crate::shutdown::Phase::Ready {
+                    match crate::auth::prune_audit(&state).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(deleted = n, "pruned audit events past audit_retention_days"),
+                        Err(e) => tracing::debug!(error = %e, "audit pruning failed"),
                     }
                 }
             }

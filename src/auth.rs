@@ -1,14 +1,22 @@
-//! The authentication domain: login, refresh, validation, logout, password change.
+//! The authentication domain: login, refresh, validation, logout, password change,
+//! and the account rules the admin API, the CLI and bootstrap share.
 //!
 //! Handlers call these with parsed input; these call the stores. Failure semantics
 //! follow the contract's table: login needs PostgreSQL and the session store;
 //! validation needs neither the database (keys are in memory) nor, under the
-//! degraded outage policy, Redis; refresh falls back to the session's identity
-//! snapshot while PostgreSQL is down.
+//! degraded outage policy and for gateways only, Redis; refresh falls back to the
+//! session's identity snapshot while PostgreSQL is down.
+//!
+//! Changes of what a user may do (roles, a role's permissions, disabling, the
+//! password) are in force at once: the store raises the user's authorization
+//! version in the change's transaction, and [`publish_authz_versions`] copies it
+//! to the session store, which every validation reads in the same round trip as
+//! the session; tokens minted under an older version stop validating.
 
 use std::{
     net::IpAddr,
     sync::atomic::{AtomicI64, Ordering},
+    time::Duration,
 };
 
 use secrecy::{ExposeSecret, SecretString};
@@ -20,10 +28,17 @@ use crate::{
     app::AppState,
     config::OutagePolicy,
     passwords::{self, HashError},
-    sessions::{LockoutPolicy, RefreshOutcome, Session, SessionStore},
+    runtime_config::RuntimeConfig,
+    sessions::{
+        lockout_subject, Attempt, IpAdmission, LockoutPolicy, RefreshOutcome, Rotation, Session,
+        SessionStore, AUTHZ_VERSION_TTL_MS,
+    },
     store::{IdentityStore, StoreError},
-    tokens::{refresh::RefreshToken, Claims, Subject, TokenError},
-    users::{self, AuditEvent, FieldError, NewUser, User, UserUpdate},
+    tokens::{Claims, Subject, TokenError},
+    users::{
+        self, AuditEvent, AuditQuery, AuthzVersion, FieldError, NewUser, Redacted, Role,
+        RoleUpdate, StoredAuditEvent, User, UserUpdate,
+    },
 };
 
 /// The domain's errors; the HTTP layer maps each to one status.
@@ -72,7 +87,7 @@ impl From<TokenError> for AuthError {
 }
 
 /// What login and refresh hand out.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct TokenPair {
     pub access_token: String,
     /// Always `Bearer`.
@@ -84,6 +99,19 @@ pub struct TokenPair {
     /// the session's absolute end).
     pub refresh_expires_in: u64,
     pub session_id: Uuid,
+}
+
+impl std::fmt::Debug for TokenPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenPair")
+            .field("access_token", &Redacted)
+            .field("token_type", &self.token_type)
+            .field("expires_in", &self.expires_in)
+            .field("refresh_token", &Redacted)
+            .field("refresh_expires_in", &self.refresh_expires_in)
+            .field("session_id", &self.session_id)
+            .finish()
+    }
 }
 
 /// Who is calling, as far as the network says.
@@ -113,6 +141,55 @@ async fn audit(state: &AppState, event: AuditEvent) {
     }
 }
 
+/// A name as an audit event records it: whole when it could be a username,
+/// otherwise cut short, so a flood of long names cannot fill the audit table.
+fn audited_name(username: &str) -> String {
+    const MAX: usize = 64;
+    match username.char_indices().nth(MAX) {
+        None => username.to_owned(),
+        Some((end, _)) => format!("{}…", &username[..end]),
+    }
+}
+
+fn lockout_policy(policy: &RuntimeConfig) -> LockoutPolicy {
+    LockoutPolicy {
+        threshold: policy.lockout_threshold,
+        window_ms: seconds_to_ms(policy.lockout_window_seconds),
+        ip_limit: policy.failed_logins_per_ip_per_minute,
+    }
+}
+
+/// Lets an attempt of a client IP go ahead, after its turn in the IP's slow lane
+/// once the IP is over its failure limit, or refuses it (429) when the lane is
+/// full. Over the limit the IP is slowed to its average allowed rate rather than
+/// shut out: many users share one address behind a NAT or a proxy that is not
+/// in AUTH_TRUSTED_PROXIES, and an attacker among them must not lock them all out
+/// of a correct password; yet guessing from that address gets no faster.
+async fn admit_ip(state: &AppState, ip: &str, lockout: LockoutPolicy) -> Result<(), AuthError> {
+    match state.sessions.ip_admission(ip, now_ms(), lockout).await? {
+        IpAdmission::Now => Ok(()),
+        IpAdmission::After(wait_ms) => {
+            state.metrics.ip_slowed.inc();
+            tokio::time::sleep(Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0))).await;
+            Ok(())
+        }
+        IpAdmission::Refused(retry_ms) => {
+            state.metrics.lockouts.with_label_values(&["ip"]).inc();
+            Err(AuthError::Locked(ms_to_seconds_ceil(retry_ms)))
+        }
+    }
+}
+
+/// Counts a failure of the client IP; a failure to count is logged, not fatal
+/// (the request already failed for its own reason).
+async fn record_ip_failure(state: &AppState, ip: Option<&str>) {
+    if let Some(ip) = ip {
+        if let Err(e) = state.sessions.record_ip_failure(ip, now_ms()).await {
+            tracing::warn!(error = %e, "failed attempt of a client IP not counted");
+        }
+    }
+}
+
 /// Usernames and passwords longer than this are refused before any lookup or hash.
 const MAX_USERNAME_LEN: usize = 256;
 
@@ -125,27 +202,25 @@ pub async fn login(
     let policy = state.runtime.get();
     let metrics = &state.metrics;
     let ip = client.ip.map(|ip| ip.to_string());
-    let lockout = LockoutPolicy {
-        threshold: policy.lockout_threshold,
-        window_ms: seconds_to_ms(policy.lockout_window_seconds),
-        ip_limit: policy.failed_logins_per_ip_per_minute,
-    };
-    let now = now_ms();
+    let lockout = lockout_policy(&policy);
+    // The lockout this attempt started, if it was the one to reach the threshold.
+    let mut lock_started = None;
+    // The account the name resolved to, for the audit trail of a failure.
+    let mut account = None;
 
     let result = async {
         if let Some(ip) = &ip {
-            let (failures, reset_ms) = state.sessions.ip_failures(ip, now).await?;
-            if failures >= lockout.ip_limit {
-                metrics.lockouts.with_label_values(&["ip"]).inc();
-                return Err(AuthError::Locked(ms_to_seconds_ceil(reset_ms)));
-            }
+            admit_ip(state, ip, lockout).await?;
         }
-        if username.is_empty() || username.len() > MAX_USERNAME_LEN {
+        // Usernames are ASCII and compared case-insensitively, one way everywhere
+        // (see `users::login_name`). A name that breaks the rules cannot exist:
+        // refused without a lookup, a hash or a counter of its own.
+        if username.len() > MAX_USERNAME_LEN {
             return Err(AuthError::InvalidCredentials);
         }
-        if let Some(remaining) = state.sessions.login_lock(username, now).await? {
-            return Err(AuthError::Locked(ms_to_seconds_ceil(remaining)));
-        }
+        let Some(name) = users::login_name(username) else {
+            return Err(AuthError::InvalidCredentials);
+        };
         // An over-long password cannot be right (the policy refused it when it
         // was set), and hashing a megabyte would burn CPU: fail like a wrong one.
         let too_long = password.expose_secret().chars().count()
@@ -157,39 +232,61 @@ pub async fn login(
         } else {
             Some(state.hasher.reserve()?)
         };
-        let credentials = state.db.find_credentials(username).await?;
+        let credentials = state.db.find_credentials(&name).await?;
+        account = credentials.as_ref().map(|c| c.user.id);
+        // Counted under the account, so every spelling of its name shares one
+        // budget; reserved before the hash is checked, so concurrent attempts
+        // cannot all pass a check that none of them has failed yet.
+        let subject = lockout_subject(credentials.as_ref().map(|c| c.user.id), &name);
+        match state
+            .sessions
+            .reserve_attempt(&subject, now_ms(), lockout)
+            .await?
+        {
+            Attempt::Locked { retry_ms } => {
+                return Err(AuthError::Locked(ms_to_seconds_ceil(retry_ms)))
+            }
+            Attempt::Admitted { lock_ms } => lock_started = lock_ms,
+        }
         let (user, phc) = match credentials {
             Some(c) if !c.user.disabled => (Some(c.user), Some(c.password_hash)),
             _ => (None, None),
         };
         let verification = match slot {
             None => None,
-            Some(slot) => Some(state.hasher.verify_in(slot, password.clone(), phc).await?),
+            Some(slot) => Some(
+                state
+                    .hasher
+                    .verify_in(slot, password.clone(), phc.clone())
+                    .await?,
+            ),
         };
-        match (user, verification) {
-            (Some(user), Some(v)) if v.valid => Ok((user, v.needs_rehash)),
+        match (user, phc, verification) {
+            (Some(user), Some(phc), Some(v)) if v.valid => {
+                if let Err(e) = state.sessions.clear_login_failures(&subject).await {
+                    tracing::warn!(error = %e, "could not clear failed-login counter");
+                }
+                Ok((user, phc, v.needs_rehash))
+            }
             _ => Err(AuthError::InvalidCredentials),
         }
     }
     .await;
 
-    let (user, needs_rehash) = match result {
+    let (user, phc, needs_rehash) = match result {
         Ok(found) => found,
         Err(AuthError::InvalidCredentials) => {
-            let lock = state
-                .sessions
-                .record_login_failure(username, ip.as_deref(), now, lockout)
-                .await;
+            record_ip_failure(state, ip.as_deref()).await;
             metrics
                 .logins
                 .with_label_values(&["invalid_credentials"])
                 .inc();
-            let mut event = AuditEvent::new("login", "failure").ip(client.ip);
-            if username.len() <= MAX_USERNAME_LEN {
-                event = event.username(username);
-            }
+            let mut event = AuditEvent::new("login", "failure")
+                .ip(client.ip)
+                .username(audited_name(username));
+            event.user_id = account;
             audit(state, event.clone()).await;
-            if let Ok(Some(ms)) = lock {
+            if let Some(ms) = lock_started {
                 metrics.lockouts.with_label_values(&["username"]).inc();
                 audit(
                     state,
@@ -215,11 +312,8 @@ pub async fn login(
         }
     };
 
-    if let Err(e) = state.sessions.clear_login_failures(username).await {
-        tracing::warn!(error = %e, "could not clear failed-login counter");
-    }
     if needs_rehash {
-        rehash_in_background(state, user.id, password);
+        rehash_in_background(state, user.id, phc, password);
     }
     let pair = start_session(state, &user, client).await?;
     metrics.logins.with_label_values(&["success"]).inc();
@@ -234,16 +328,21 @@ pub async fn login(
     Ok(pair)
 }
 
-/// Upgrades a stored hash to the configured parameters after a successful login.
-fn rehash_in_background(state: &AppState, user_id: Uuid, password: SecretString) {
+/// Upgrades a stored hash to the configured parameters after a successful login,
+/// only over the hash that was verified: a password changed meanwhile stays.
+fn rehash_in_background(state: &AppState, user_id: Uuid, verified: String, password: SecretString) {
     let state = state.clone();
     tokio::spawn(async move {
         match state.hasher.hash(password).await {
-            Ok(phc) => {
-                if let Err(e) = state.db.replace_password_hash(user_id, &phc).await {
-                    tracing::warn!(error = %e, "rehash not stored");
-                }
-            }
+            Ok(phc) => match state
+                .db
+                .replace_password_hash(user_id, &verified, &phc)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => tracing::debug!("rehash dropped: the password changed meanwhile"),
+                Err(e) => tracing::warn!(error = %e, "rehash not stored"),
+            },
             Err(e) => tracing::debug!(error = %e, "rehash skipped"),
         }
     });
@@ -270,6 +369,8 @@ pub async fn start_session(
         username: user.username.clone(),
         roles: user.roles.clone(),
         permissions: user.permissions.clone(),
+        authz_version: user.authz_version,
+        password_epoch: Some(user.password_changed_at.timestamp_micros()),
         created_at: now,
         last_used_at: now,
         expires_at: now + lifetime_ms,
@@ -277,20 +378,30 @@ pub async fn start_session(
         user_agent: client.user_agent.clone(),
         generation: 0,
     };
-    let refresh = RefreshToken::generate(user.id, session_id)
+    let refresh = state
+        .refresh_tokens
+        .generate(user.id, session_id)
         .map_err(|_| AuthError::Internal("no randomness".into()))?;
     let idle_ms = seconds_to_ms(policy.session_idle_timeout_seconds);
-    state
+    let ended = state
         .sessions
-        .create(&session, &refresh.hash(), idle_ms)
+        .create(
+            &session,
+            &refresh.hash(),
+            idle_ms,
+            policy.max_sessions_per_user,
+        )
         .await?;
+    if ended > 0 {
+        tracing::debug!(user_id = %user.id, ended, "oldest sessions ended: the user reached max_sessions_per_user");
+    }
     token_pair(state, &session, &refresh, now)
 }
 
 fn token_pair(
     state: &AppState,
     session: &Session,
-    refresh: &RefreshToken,
+    refresh: &crate::tokens::refresh::RefreshToken,
     now: i64,
 ) -> Result<TokenPair, AuthError> {
     let policy = state.runtime.get();
@@ -301,6 +412,7 @@ fn token_pair(
             username: &session.username,
             roles: &session.roles,
             permissions: &session.permissions,
+            authz_version: session.authz_version,
         },
         policy.access_token_ttl_seconds,
     )?;
@@ -337,9 +449,14 @@ async fn refresh_inner(
     presented: &str,
     client: &ClientInfo,
 ) -> Result<TokenPair, AuthError> {
-    let token = RefreshToken::parse(presented).ok_or(AuthError::InvalidToken)?;
+    let (token, authentic) = state
+        .refresh_tokens
+        .parse(presented)
+        .ok_or(AuthError::InvalidToken)?;
     let policy = state.runtime.get();
-    let replacement = RefreshToken::generate(token.user_id, token.session_id)
+    let replacement = state
+        .refresh_tokens
+        .generate(token.user_id, token.session_id)
         .map_err(|_| AuthError::Internal("no randomness".into()))?;
     let now = now_ms();
     let outcome = state
@@ -347,15 +464,25 @@ async fn refresh_inner(
         .rotate_refresh(
             token.user_id,
             token.session_id,
-            &token.hash(),
-            &replacement.hash(),
-            now,
-            seconds_to_ms(policy.refresh_reuse_grace_seconds),
-            seconds_to_ms(policy.session_idle_timeout_seconds),
+            &Rotation {
+                presented_hash: &token.hash(),
+                authentic,
+                replacement_hash: &replacement.hash(),
+                now_ms: now,
+                grace_ms: seconds_to_ms(policy.refresh_reuse_grace_seconds),
+                idle_ms: seconds_to_ms(policy.session_idle_timeout_seconds),
+            },
         )
         .await?;
-    let mut session = match outcome {
-        RefreshOutcome::Rotated(s) | RefreshOutcome::Grace(s) => s,
+    let (mut session, current_version) = match outcome {
+        RefreshOutcome::Rotated {
+            session,
+            authz_version,
+        }
+        | RefreshOutcome::Grace {
+            session,
+            authz_version,
+        } => (session, authz_version),
         RefreshOutcome::Unknown => return Err(AuthError::InvalidToken),
         RefreshOutcome::Reused => {
             state.metrics.refresh_reuse.inc();
@@ -368,27 +495,53 @@ async fn refresh_inner(
             return Err(AuthError::InvalidToken);
         }
     };
-    // Roles and the disabled flag come from the database when it answers; while it
-    // is down, the session's snapshot keeps refresh working.
+    // Roles, the disabled flag and the password come from the database when it
+    // answers; while it is down, the session's snapshot keeps refresh working,
+    // unless the user's privileges changed after the snapshot was taken.
     match state.db.get_user(session.user_id).await {
         Ok(Some(user)) if !user.disabled => {
-            if user.roles != session.roles
+            if session.predates_password_change(user.password_changed_at.timestamp_micros()) {
+                // A reset or change whose revocations did not reach this session
+                // (the session store failed after the commit, or a login raced it).
+                state.sessions.revoke(session.user_id, session.id).await?;
+                return Err(AuthError::InvalidToken);
+            }
+            if user.authz_version != session.authz_version
+                || user.roles != session.roles
                 || user.permissions != session.permissions
                 || user.username != session.username
             {
                 session.username = user.username;
                 session.roles = user.roles;
                 session.permissions = user.permissions;
+                session.authz_version = user.authz_version;
                 state.sessions.update_identity(&session).await?;
+            }
+            if user.authz_version > current_version {
+                // A change whose publication failed: this refresh publishes it.
+                publish_authz_versions(
+                    state,
+                    vec![AuthzVersion {
+                        user_id: session.user_id,
+                        version: user.authz_version,
+                    }],
+                )
+                .await;
             }
         }
         Ok(_) => {
             state.sessions.revoke(session.user_id, session.id).await?;
             return Err(AuthError::InvalidToken);
         }
-        Err(e) => {
+        Err(e) if e.is_unavailable() => {
+            if session.authz_version < current_version {
+                // The snapshot is older than a change of the user's privileges:
+                // a token from it would not validate. Retry once the database is back.
+                return Err(e.into());
+            }
             tracing::debug!(error = %e, "refresh uses the session's identity snapshot");
         }
+        Err(e) => return Err(e.into()),
     }
     token_pair(state, &session, &replacement, now)
 }
@@ -397,14 +550,45 @@ async fn refresh_inner(
 static LAST_DEGRADED_LOG: AtomicI64 = AtomicI64::new(0);
 const DEGRADED_LOG_INTERVAL_MS: i64 = 10_000;
 
-/// Verifies a token and its session; with `permission`, also that the token
-/// grants it.
+/// How a validation treats a session store it cannot reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unchecked {
+    /// As `AUTH_SESSION_OUTAGE_POLICY` says (gateways and apps validating tokens).
+    PerPolicy,
+    /// Never accepted: the route acts on the session (the admin API, logout,
+    /// password change), so an unchecked token must not pass on its signature.
+    Refused,
+}
+
+/// Verifies a token and its session for apps and gateways (`/v1/auth/validate`,
+/// forward-auth); with `permission`, also that the token grants it. Under the
+/// degraded outage policy a token whose session cannot be checked passes.
 pub async fn validate(
     state: &AppState,
     token: &str,
     permission: Option<&str>,
 ) -> Result<Claims, AuthError> {
-    let result = validate_inner(state, token, permission).await;
+    validate_counted(state, token, permission, Unchecked::PerPolicy).await
+}
+
+/// Verifies a token and its session for a route of the service itself: the
+/// session must be checked (503 while the session store is unreachable,
+/// whatever the outage policy).
+pub async fn authenticate(
+    state: &AppState,
+    token: &str,
+    permission: Option<&str>,
+) -> Result<Claims, AuthError> {
+    validate_counted(state, token, permission, Unchecked::Refused).await
+}
+
+async fn validate_counted(
+    state: &AppState,
+    token: &str,
+    permission: Option<&str>,
+    unchecked: Unchecked,
+) -> Result<Claims, AuthError> {
+    let result = validate_inner(state, token, permission, unchecked).await;
     let outcome = match &result {
         Ok(_) => "valid",
         Err(AuthError::InvalidToken) => "invalid",
@@ -424,6 +608,7 @@ async fn validate_inner(
     state: &AppState,
     token: &str,
     permission: Option<&str>,
+    unchecked: Unchecked,
 ) -> Result<Claims, AuthError> {
     let claims = match state.tokens.verify(token) {
         Ok(claims) => claims,
@@ -439,32 +624,39 @@ async fn validate_inner(
         }
         Err(e) => return Err(e.into()),
     };
-    let (Some(user_id), Some(session_id)) = (claims.user_id(), claims.session_id()) else {
-        return Err(AuthError::InvalidToken);
-    };
+    let (user_id, session_id) = ids(&claims)?;
     let idle_ms = seconds_to_ms(state.runtime.get().session_idle_timeout_seconds);
     // Boxed: the store's future is ~7 KiB (the Redis client's request state), and
     // inline it made this future, and every handler and layer future holding it,
     // that large; each was moved several times per request (memcpy was a fifth of
     // validation's instructions). One allocation is cheaper.
     match Box::pin(state.sessions.check(user_id, session_id, now_ms(), idle_ms)).await {
-        Ok(true) => {}
-        Ok(false) => return Err(AuthError::InvalidToken),
-        Err(e) if e.is_unavailable() => match state.config.session_outage_policy {
-            OutagePolicy::Strict => return Err(e.into()),
-            OutagePolicy::Degraded => {
-                state.metrics.degraded_validations.inc();
-                let now = now_ms();
-                let last = LAST_DEGRADED_LOG.load(Ordering::Relaxed);
-                if now - last > DEGRADED_LOG_INTERVAL_MS
-                    && LAST_DEGRADED_LOG
-                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                        .is_ok()
-                {
-                    tracing::warn!("session store unreachable: accepting tokens on signature and expiry alone (AUTH_SESSION_OUTAGE_POLICY=degraded)");
-                }
+        // Minted before the user's privileges last changed: refused, and the next
+        // refresh carries what is in force now.
+        Ok(Some(version)) if claims.authz_ver.unwrap_or(0) < version => {
+            return Err(AuthError::InvalidToken)
+        }
+        Ok(Some(_)) => {}
+        Ok(None) => return Err(AuthError::InvalidToken),
+        // Only Redis being unreachable is an outage the policy governs: the
+        // embedded store's errors (a busy lock) are this process's own.
+        Err(e)
+            if e.is_unavailable()
+                && state.sessions.is_networked()
+                && unchecked == Unchecked::PerPolicy
+                && state.config.session_outage_policy == OutagePolicy::Degraded =>
+        {
+            state.metrics.degraded_validations.inc();
+            let now = now_ms();
+            let last = LAST_DEGRADED_LOG.load(Ordering::Relaxed);
+            if now - last > DEGRADED_LOG_INTERVAL_MS
+                && LAST_DEGRADED_LOG
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!("session store unreachable: accepting tokens on signature and expiry alone (AUTH_SESSION_OUTAGE_POLICY=degraded)");
             }
-        },
+        }
         Err(e) => return Err(e.into()),
     }
     if let Some(p) = permission {
@@ -518,9 +710,10 @@ pub async fn logout_all(
     Ok(n)
 }
 
-/// Creates an account, for registration and the admin API alike: the username and
-/// email checked, the password checked against the policy and hashed, and the user
-/// stored together with the audit event `audit` makes for the checked username.
+/// Creates an account, for registration, the admin API, the CLI and bootstrap
+/// alike: the username and email checked, the password checked against the
+/// policy and hashed, and the user stored together with the audit event `audit`
+/// makes for the checked username.
 pub async fn create_user(
     state: &AppState,
     username: &str,
@@ -531,6 +724,7 @@ pub async fn create_user(
 ) -> Result<User, AuthError> {
     let username = users::validate_username(username)?;
     let email = users::validate_email(email)?;
+    let roles = users::validate_names("roles", &roles)?;
     let password_hash = hash_new_password(state, password, &username, email.as_deref()).await?;
     let event = audit(&username);
     let user = NewUser {
@@ -540,6 +734,59 @@ pub async fn create_user(
         roles,
     };
     Ok(state.db.create_user(&user, &event).await?)
+}
+
+/// Registration: as [`create_user`], with what an anonymous caller may learn
+/// bounded. A taken username or email answers 409 (the caller must be told why
+/// the account was not made), and each such answer counts as a failure of the
+/// client IP, so probing for taken names is slowed like guessing passwords
+/// (see [`admit_ip`]).
+pub async fn register(
+    state: &AppState,
+    username: &str,
+    email: Option<&str>,
+    password: SecretString,
+    client: &ClientInfo,
+) -> Result<User, AuthError> {
+    let ip = client.ip.map(|ip| ip.to_string());
+    if let Some(ip) = &ip {
+        admit_ip(state, ip, lockout_policy(&state.runtime.get())).await?;
+    }
+    let created = create_user(state, username, email, password, Vec::new(), |username| {
+        AuditEvent::new("register", "success")
+            .username(username)
+            .ip(client.ip)
+    })
+    .await;
+    if let Err(AuthError::Store(StoreError::Conflict(_))) = &created {
+        record_ip_failure(state, ip.as_deref()).await;
+    }
+    created
+}
+
+/// Creates the first administrator, with the rules of every account, when no
+/// user exists; None when one does (another replica was first).
+pub async fn create_first_admin(
+    state: &AppState,
+    username: &str,
+    password: SecretString,
+) -> Result<Option<User>, AuthError> {
+    let username = users::validate_username(username)?;
+    let password_hash = hash_new_password(state, password, &username, None).await?;
+    let role = users::admin_role();
+    Ok(state
+        .db
+        .create_first_user(
+            &NewUser {
+                username: username.clone(),
+                email: None,
+                password_hash,
+                roles: Vec::new(),
+            },
+            &role,
+            &AuditEvent::new("bootstrap_admin", "success").username(&username),
+        )
+        .await?)
 }
 
 /// Checks a new password against the policy and hashes it.
@@ -569,26 +816,57 @@ pub async fn change_password(
         .await?
         .filter(|c| c.user.id == user_id && !c.user.disabled)
         .ok_or(AuthError::InvalidToken)?;
+    // A guess of the current password is a failed login: counted with the
+    // lockout, and refused while the account is locked, so a stolen access
+    // token does not give unlimited guesses.
+    let subject = lockout_subject(Some(user_id), "");
+    let lockout = lockout_policy(&state.runtime.get());
+    let lock_started = match state
+        .sessions
+        .reserve_attempt(&subject, now_ms(), lockout)
+        .await?
+    {
+        Attempt::Locked { retry_ms } => {
+            return Err(AuthError::Locked(ms_to_seconds_ceil(retry_ms)))
+        }
+        Attempt::Admitted { lock_ms } => lock_ms,
+    };
     let verification = state
         .hasher
         .verify(current, Some(credentials.password_hash))
         .await?;
     if !verification.valid {
-        audit(
-            state,
-            AuditEvent::new("password_change", "failure")
-                .user(user_id, &claims.username)
-                .ip(client.ip),
-        )
-        .await;
+        let event = AuditEvent::new("password_change", "failure")
+            .user(user_id, &claims.username)
+            .ip(client.ip);
+        audit(state, event.clone()).await;
+        if let Some(ms) = lock_started {
+            state
+                .metrics
+                .lockouts
+                .with_label_values(&["username"])
+                .inc();
+            audit(
+                state,
+                AuditEvent {
+                    kind: "lockout",
+                    detail: serde_json::json!({ "lock_seconds": ms_to_seconds_ceil(ms) }),
+                    ..event
+                },
+            )
+            .await;
+        }
         return Err(AuthError::Invalid(
             "current_password",
             "is not correct".into(),
         ));
     }
+    if let Err(e) = state.sessions.clear_login_failures(&subject).await {
+        tracing::warn!(error = %e, "could not clear failed-login counter");
+    }
     let user = credentials.user;
     let phc = hash_new_password(state, new, &user.username, user.email.as_deref()).await?;
-    state
+    let user = state
         .db
         .update_user(
             user_id,
@@ -602,16 +880,301 @@ pub async fn change_password(
         )
         .await?;
     // Whoever else holds a session (perhaps whoever learned the old password)
-    // is signed out; the caller keeps this one.
-    state.sessions.revoke_all(user_id, Some(session_id)).await?;
+    // is signed out; the caller keeps this one, under the new password.
+    end_sessions_after_commit(state, user_id, Some(session_id)).await;
+    if let Err(e) = state
+        .sessions
+        .set_password_epoch(
+            user_id,
+            session_id,
+            user.password_changed_at.timestamp_micros(),
+        )
+        .await
+    {
+        tracing::warn!(error = %e, "the caller's session ends at its next refresh");
+    }
+    publish_authz_versions(
+        state,
+        vec![AuthzVersion {
+            user_id,
+            version: user.authz_version,
+        }],
+    )
+    .await;
     Ok(())
 }
 
-/// Ends every session of a user after an operator disabled, deleted or reset
-/// them. The database change already happened; if Redis is down, refresh still
-/// refuses the user (it re-reads the database) and access tokens run out soon.
-pub async fn revoke_user_sessions(state: &AppState, user_id: Uuid) {
-    if let Err(e) = state.sessions.revoke_all(user_id, None).await {
-        tracing::error!(user_id = %user_id, error = %e, "could not revoke sessions; they end at refresh");
+/// Ends the user's sessions (but `except`) after a committed change. If the
+/// session store fails, the change still holds: refresh refuses sessions older
+/// than a password change or of a disabled user, and the raised authorization
+/// version refuses their access tokens.
+async fn end_sessions_after_commit(state: &AppState, user_id: Uuid, except: Option<Uuid>) {
+    if let Err(e) = state.sessions.revoke_all(user_id, except).await {
+        tracing::error!(user_id = %user_id, error = %e, "could not revoke sessions; refresh and validation refuse them");
     }
+}
+
+/// Copies raised authorization versions to the session store, where every
+/// validation reads them: once this returns (normally within milliseconds of the
+/// commit), every replica refuses the tokens minted before the change. Versions
+/// the store did not take are retried in the background for as long as a token
+/// could live, and each user's next refresh publishes them too.
+pub async fn publish_authz_versions(state: &AppState, versions: Vec<AuthzVersion>) {
+    /// Writes in flight at once, for a role held by many users.
+    const CONCURRENCY: usize = 32;
+    let mut failed = Vec::new();
+    for chunk in versions.chunks(CONCURRENCY) {
+        let mut writes = tokio::task::JoinSet::new();
+        for v in chunk.iter().copied() {
+            let state = state.clone();
+            writes.spawn(async move {
+                let result = state
+                    .sessions
+                    .set_authz_version(v.user_id, v.version, now_ms())
+                    .await;
+                (v, result)
+            });
+        }
+        while let Some(joined) = writes.join_next().await {
+            match joined {
+                Ok((_, Ok(()))) => {}
+                Ok((v, Err(e))) => {
+                    tracing::warn!(user_id = %v.user_id, error = %e, "authorization version not published yet; retrying");
+                    failed.push(v);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "publishing an authorization version panicked")
+                }
+            }
+        }
+    }
+    if failed.is_empty() {
+        return;
+    }
+    let state = state.clone();
+    tokio::spawn(async move {
+        let give_up = tokio::time::Instant::now()
+            + Duration::from_millis(u64::try_from(AUTHZ_VERSION_TTL_MS).unwrap_or(0));
+        let mut backoff = Duration::from_millis(200);
+        while !failed.is_empty() && tokio::time::Instant::now() < give_up {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+            let mut still = Vec::new();
+            for v in failed {
+                if state
+                    .sessions
+                    .set_authz_version(v.user_id, v.version, now_ms())
+                    .await
+                    .is_err()
+                {
+                    still.push(v);
+                }
+            }
+            failed = still;
+        }
+    });
+}
+
+/// What an administrator may change about a user; `None` leaves a field alone.
+#[derive(Default)]
+pub struct UserChanges {
+    /// `Some(None)` clears the email.
+    pub email: Option<Option<String>>,
+    pub disabled: Option<bool>,
+    pub roles: Option<Vec<String>>,
+    /// Resets the password; ends the user's sessions.
+    pub password: Option<SecretString>,
+}
+
+/// An administrator's change of a user: checked as every account is, stored with
+/// its audit event, then in force at once (see the module doc). Disabling or
+/// resetting ends the user's sessions. Refused with `LastAdmin` when it would
+/// leave no administrator.
+pub async fn update_user(
+    state: &AppState,
+    admin: &Claims,
+    client: &ClientInfo,
+    id: Uuid,
+    changes: UserChanges,
+) -> Result<User, AuthError> {
+    let existing = state.db.get_user(id).await?.ok_or(StoreError::NotFound)?;
+    let email = changes
+        .email
+        .map(|e| users::validate_email(e.as_deref()))
+        .transpose()?;
+    let roles = changes
+        .roles
+        .as_deref()
+        .map(|r| users::validate_names("roles", r))
+        .transpose()?;
+    let reset = changes.password.is_some();
+    let password_hash = match changes.password {
+        None => None,
+        Some(p) => {
+            let email_now = email.clone().unwrap_or(existing.email.clone());
+            Some(hash_new_password(state, p, &existing.username, email_now.as_deref()).await?)
+        }
+    };
+    let event = admin_event(
+        "admin_user_update",
+        admin,
+        client,
+        serde_json::json!({
+            "target": existing.username, "target_id": id, "disabled": changes.disabled,
+            "roles": roles, "email_changed": email.is_some(), "password_reset": reset,
+        }),
+    );
+    let user = state
+        .db
+        .update_user(
+            id,
+            &UserUpdate {
+                email,
+                disabled: changes.disabled,
+                roles,
+                password_hash,
+            },
+            &event,
+        )
+        .await?;
+    if changes.disabled == Some(true) || reset {
+        end_sessions_after_commit(state, id, None).await;
+    }
+    if user.authz_version != existing.authz_version {
+        publish_authz_versions(
+            state,
+            vec![AuthzVersion {
+                user_id: id,
+                version: user.authz_version,
+            }],
+        )
+        .await;
+    }
+    Ok(user)
+}
+
+/// Deletes a user and ends their sessions; refused with `LastAdmin` when it
+/// would leave no administrator.
+pub async fn delete_user(
+    state: &AppState,
+    admin: &Claims,
+    client: &ClientInfo,
+    id: Uuid,
+) -> Result<(), AuthError> {
+    let event = admin_event(
+        "admin_user_delete",
+        admin,
+        client,
+        serde_json::json!({ "target_id": id }),
+    );
+    state.db.delete_user(id, &event).await?;
+    end_sessions_after_commit(state, id, None).await;
+    Ok(())
+}
+
+/// Changes a role; a change of its permissions is in force at once for every
+/// holder. Refused with `LastAdmin` when it would leave no administrator.
+pub async fn update_role(
+    state: &AppState,
+    admin: &Claims,
+    client: &ClientInfo,
+    name: &str,
+    description: Option<String>,
+    permissions: Option<Vec<String>>,
+) -> Result<Role, AuthError> {
+    let permissions = permissions
+        .as_deref()
+        .map(|p| users::validate_names("permissions", p))
+        .transpose()?;
+    if let Some(d) = &description {
+        users::validate_description(d)?;
+    }
+    let event = admin_event(
+        "admin_role_update",
+        admin,
+        client,
+        serde_json::json!({ "role": name, "permissions": permissions }),
+    );
+    let (role, bumped) = state
+        .db
+        .update_role(
+            name,
+            &RoleUpdate {
+                description,
+                permissions,
+            },
+            &event,
+        )
+        .await?;
+    publish_authz_versions(state, bumped).await;
+    Ok(role)
+}
+
+/// Deletes a role; its holders lose what it granted at once. Refused with
+/// `LastAdmin` when it would leave no administrator.
+pub async fn delete_role(
+    state: &AppState,
+    admin: &Claims,
+    client: &ClientInfo,
+    name: &str,
+) -> Result<(), AuthError> {
+    let event = admin_event(
+        "admin_role_delete",
+        admin,
+        client,
+        serde_json::json!({ "role": name }),
+    );
+    let bumped = state.db.delete_role(name, &event).await?;
+    publish_authz_versions(state, bumped).await;
+    Ok(())
+}
+
+/// The audit event of an administrator's action.
+pub fn admin_event(
+    kind: &'static str,
+    admin: &Claims,
+    client: &ClientInfo,
+    detail: serde_json::Value,
+) -> AuditEvent {
+    let mut event = AuditEvent::new(kind, "success")
+        .ip(client.ip)
+        .detail(detail);
+    event.user_id = admin.user_id();
+    event.username = Some(admin.username.clone());
+    event
+}
+
+/// A page of audit events, newest first, and the cursor of the next page.
+pub async fn audit_page(
+    state: &AppState,
+    mut query: AuditQuery,
+) -> Result<(Vec<StoredAuditEvent>, Option<String>), AuthError> {
+    let limit = query.limit;
+    // One more than asked tells whether there is a next page.
+    query.limit = limit.saturating_add(1);
+    let mut events = state.db.audit_events(&query).await?;
+    let more = events.len() > limit as usize;
+    events.truncate(limit as usize);
+    let cursor = more
+        .then(|| events.last().map(|e| e.id.to_string()))
+        .flatten();
+    Ok((events, cursor))
+}
+
+/// Audit events are deleted in batches of this many, each its own transaction.
+const AUDIT_PRUNE_BATCH: u32 = 1000;
+
+/// Deletes audit events older than `audit_retention_days`, in batches, unless
+/// another replica is at it (then this one stops); returns how many it deleted.
+pub async fn prune_audit(state: &AppState) -> Result<u64, AuthError> {
+    let days = i64::try_from(state.runtime.get().audit_retention_days).unwrap_or(i64::MAX / 2);
+    let before = chrono::Utc::now() - chrono::Duration::days(days.min(3650));
+    let mut total = 0;
+    while let Some(deleted) = state.db.prune_audit(before, AUDIT_PRUNE_BATCH).await? {
+        total += deleted;
+        if deleted < u64::from(AUDIT_PRUNE_BATCH) {
+            break;
+        }
+    }
+    Ok(total)
 }

@@ -292,10 +292,25 @@ impl Config {
             lookup("AUTH_BOOTSTRAP_ADMIN_PASSWORD").filter(|p| !p.is_empty()),
         ) {
             (None, None) => None,
-            (Some(username), Some(password)) => Some(BootstrapAdmin {
-                username: username.trim().to_owned(),
-                password: SecretString::from(password),
-            }),
+            (Some(username), Some(password)) => {
+                // The rules of every account, checked before anything starts: the
+                // bootstrap administrator is the most powerful account there is.
+                // The password against the default policy (the stored one is not
+                // readable yet; a fresh database has no other).
+                let username = crate::users::validate_username(username.trim())
+                    .map_err(|e| ConfigError::new("AUTH_BOOTSTRAP_ADMIN_USERNAME", e.message))?;
+                crate::passwords::check_policy(
+                    &password,
+                    &username,
+                    None,
+                    &crate::runtime_config::RuntimeConfig::default(),
+                )
+                .map_err(|v| ConfigError::new("AUTH_BOOTSTRAP_ADMIN_PASSWORD", v.0))?;
+                Some(BootstrapAdmin {
+                    username,
+                    password: SecretString::from(password),
+                })
+            }
             (Some(_), None) => {
                 return Err(ConfigError::new(
                     "AUTH_BOOTSTRAP_ADMIN_PASSWORD",
@@ -698,11 +713,11 @@ mod tests {
             ("AUTH_REDIS_URLS", "redis://:redispass@r:6379"),
             ("AUTH_KEY_ENCRYPTION_KEY", KEK),
             ("AUTH_BOOTSTRAP_ADMIN_USERNAME", "root"),
-            ("AUTH_BOOTSTRAP_ADMIN_PASSWORD", "bootpass"),
+            ("AUTH_BOOTSTRAP_ADMIN_PASSWORD", "bootpass-quiet-meadow-71"),
         ])
         .unwrap();
         let printed = format!("{c:?}");
-        for secret in ["hunter2", "redispass", KEK, "bootpass", "[0, 1, 2"] {
+        for secret in ["hunter2", "redispass", KEK, "bootpass-quiet", "[0, 1, 2"] {
             assert!(!printed.contains(secret), "{secret} leaked: {printed}");
         }
         assert!(printed.contains("REDACTED"));

@@ -46,8 +46,11 @@ pub struct Metrics {
     pub refreshes: IntCounterVec,
     /// Refresh tokens presented a second time (the session was revoked).
     pub refresh_reuse: IntCounter,
-    /// Usernames or client IPs that crossed a failed-login limit.
+    /// Accounts locked out (`username`), and attempts of client IPs refused
+    /// because their slow lane was full (`ip`).
     pub lockouts: IntCounterVec,
+    /// Attempts of client IPs over their failure limit that waited for their turn.
+    pub ip_slowed: IntCounter,
     /// Password hashes waiting for or holding a hashing thread.
     pub hash_queue_depth: IntGauge,
     /// Time spent computing one password hash.
@@ -140,6 +143,11 @@ impl Metrics {
                 &["scope"],
             )
             .expect("valid metric"),
+            ip_slowed: IntCounter::new(
+                "auth_ip_slowed_attempts_total",
+                "Attempts from client IPs over their failure limit that waited for a turn",
+            )
+            .expect("valid metric"),
             hash_queue_depth: IntGauge::new(
                 "auth_password_hash_queue_depth",
                 "Password hashes queued or running",
@@ -187,6 +195,7 @@ impl Metrics {
             Box::new(m.refreshes.clone()),
             Box::new(m.refresh_reuse.clone()),
             Box::new(m.lockouts.clone()),
+            Box::new(m.ip_slowed.clone()),
             Box::new(m.hash_queue_depth.clone()),
             Box::new(m.hash_duration.clone()),
             Box::new(m.signing_keys.clone()),

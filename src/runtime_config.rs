@@ -29,6 +29,10 @@ pub struct RuntimeConfig {
     pub password_min_score: u8,
     pub registration_enabled: bool,
     pub key_rotation_days: u64,
+    /// Sessions one user may hold; a login beyond it ends the oldest, which keeps
+    /// "end every session of the user" bounded.
+    pub max_sessions_per_user: u64,
+    pub audit_retention_days: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -47,6 +51,8 @@ impl Default for RuntimeConfig {
             password_min_score: 2,
             registration_enabled: false,
             key_rotation_days: 30,
+            max_sessions_per_user: 100,
+            audit_retention_days: 90,
         }
     }
 }
@@ -62,7 +68,7 @@ pub enum ConfigValueError {
 
 impl RuntimeConfig {
     /// The keys operators can set.
-    pub const KEYS: [&'static str; 13] = [
+    pub const KEYS: [&'static str; 15] = [
         "access_token_ttl_seconds",
         "refresh_token_ttl_seconds",
         "session_idle_timeout_seconds",
@@ -76,6 +82,8 @@ impl RuntimeConfig {
         "password_min_score",
         "registration_enabled",
         "key_rotation_days",
+        "max_sessions_per_user",
+        "audit_retention_days",
     ];
 
     /// Sets one key after checking its type and range.
@@ -127,6 +135,8 @@ impl RuntimeConfig {
                     })?
             }
             "key_rotation_days" => self.key_rotation_days = int(key, value, 1, 3650)?,
+            "max_sessions_per_user" => self.max_sessions_per_user = int(key, value, 1, 10_000)?,
+            "audit_retention_days" => self.audit_retention_days = int(key, value, 1, 3650)?,
             other => return Err(ConfigValueError::UnknownKey(other.to_owned())),
         }
         Ok(())

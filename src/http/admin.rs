@@ -19,11 +19,10 @@ use super::{
 };
 use crate::{
     app::AppState,
-    auth,
+    auth::{self, admin_event, UserChanges},
     runtime_config::{ConfigValueError, RuntimeConfig},
     store::IdentityStore,
-    tokens::Claims,
-    users::{AuditEvent, Role, RoleUpdate, StoredAuditEvent, User, UserUpdate},
+    users::{self, AuditQuery, Role, StoredAuditEvent, User},
 };
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -35,39 +34,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_config))
         .routes(routes!(set_config))
         .routes(routes!(audit_log))
-}
-
-fn validate_names(field: &'static str, names: &[String]) -> Result<Vec<String>, ApiError> {
-    let mut out = Vec::with_capacity(names.len());
-    for n in names {
-        let ok =
-            (1..=128).contains(&n.len()) && n.chars().all(|c| c.is_ascii_graphic() && c != ',');
-        if !ok {
-            return Err(ApiError::validation(
-                field,
-                format!("{n:?} is not a valid name"),
-            ));
-        }
-        if !out.contains(n) {
-            out.push(n.clone());
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-fn admin_event(
-    kind: &'static str,
-    admin: &Claims,
-    client: &auth::ClientInfo,
-    detail: serde_json::Value,
-) -> AuditEvent {
-    let mut event = AuditEvent::new(kind, "success")
-        .ip(client.ip)
-        .detail(detail);
-    event.user_id = admin.user_id();
-    event.username = Some(admin.username.clone());
-    event
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -139,7 +105,7 @@ pub async fn create_user(
     Client(client): Client,
     Json(body): Json<CreateUser>,
 ) -> Result<Response, ApiError> {
-    let roles = validate_names("roles", &body.roles)?;
+    let roles = users::validate_names("roles", &body.roles)?;
     let detail_roles = roles.clone();
     let user = auth::create_user(
         &state,
@@ -188,7 +154,8 @@ pub struct PatchUser {
     #[schema(value_type = Option<String>)]
     pub email: Option<Option<String>>,
     pub disabled: Option<bool>,
-    /// Replaces the user's roles; in force from the session's next refresh.
+    /// Replaces the user's roles; in force at once: tokens minted before stop
+    /// validating, and the next refresh carries the new roles.
     pub roles: Option<Vec<String>>,
     /// Resets the password; ends the user's sessions.
     pub password: Option<String>,
@@ -207,7 +174,7 @@ fn double_option<'de, D: serde::Deserializer<'de>>(
     responses(
         (status = 200, description = "Updated", body = User),
         (status = 404, description = "No such user", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Email taken", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Email taken, or the change would leave no administrator", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn update_user(
@@ -217,57 +184,13 @@ pub async fn update_user(
     Path(id): Path<Uuid>,
     Json(body): Json<PatchUser>,
 ) -> Result<axum::Json<User>, ApiError> {
-    let existing = state.db.get_user(id).await?.ok_or(ApiError::NotFound)?;
-    let email = match body.email {
-        None => None,
-        Some(e) => Some(crate::users::validate_email(e.as_deref())?),
+    let changes = UserChanges {
+        email: body.email,
+        disabled: body.disabled,
+        roles: body.roles,
+        password: body.password.map(SecretString::from),
     };
-    let roles = body
-        .roles
-        .as_deref()
-        .map(|r| validate_names("roles", r))
-        .transpose()?;
-    let reset = body.password.is_some();
-    let password_hash = match body.password {
-        None => None,
-        Some(p) => {
-            let email_now = email.clone().unwrap_or(existing.email.clone());
-            Some(
-                auth::hash_new_password(
-                    &state,
-                    SecretString::from(p),
-                    &existing.username,
-                    email_now.as_deref(),
-                )
-                .await?,
-            )
-        }
-    };
-    let event = admin_event(
-        "admin_user_update",
-        &admin,
-        &client,
-        serde_json::json!({
-            "target": existing.username, "target_id": id, "disabled": body.disabled,
-            "roles": roles, "email_changed": email.is_some(), "password_reset": reset,
-        }),
-    );
-    let user = state
-        .db
-        .update_user(
-            id,
-            &UserUpdate {
-                email,
-                disabled: body.disabled,
-                roles,
-                password_hash,
-            },
-            &event,
-        )
-        .await?;
-    if body.disabled == Some(true) || reset {
-        auth::revoke_user_sessions(&state, id).await;
-    }
+    let user = auth::update_user(&state, &admin, &client, id, changes).await?;
     Ok(axum::Json(user))
 }
 
@@ -277,6 +200,7 @@ pub async fn update_user(
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, description = "No such user", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The last administrator cannot be deleted", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn delete_user(
     State(state): State<AppState>,
@@ -284,14 +208,7 @@ pub async fn delete_user(
     Client(client): Client,
     Path(id): Path<Uuid>,
 ) -> Result<StatusCode, ApiError> {
-    let event = admin_event(
-        "admin_user_delete",
-        &admin,
-        &client,
-        serde_json::json!({ "target_id": id }),
-    );
-    state.db.delete_user(id, &event).await?;
-    auth::revoke_user_sessions(&state, id).await;
+    auth::delete_user(&state, &admin, &client, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -330,14 +247,9 @@ pub async fn create_role(
     Client(client): Client,
     Json(body): Json<CreateRole>,
 ) -> Result<Response, ApiError> {
-    let name = validate_names("name", std::slice::from_ref(&body.name))?.remove(0);
-    let permissions = validate_names("permissions", &body.permissions)?;
-    if body.description.len() > 1024 {
-        return Err(ApiError::validation(
-            "description",
-            "must be at most 1024 bytes",
-        ));
-    }
+    let name = users::validate_names("name", std::slice::from_ref(&body.name))?.remove(0);
+    let permissions = users::validate_names("permissions", &body.permissions)?;
+    users::validate_description(&body.description)?;
     let event = admin_event(
         "admin_role_create",
         &admin,
@@ -382,7 +294,7 @@ pub async fn get_role(
 #[serde(deny_unknown_fields)]
 pub struct PatchRole {
     pub description: Option<String>,
-    /// Replaces the permissions; in force from each session's next refresh.
+    /// Replaces the permissions; in force at once for every holder of the role.
     pub permissions: Option<Vec<String>>,
 }
 
@@ -392,6 +304,7 @@ pub struct PatchRole {
     responses(
         (status = 200, description = "Updated", body = Role),
         (status = 404, description = "No such role", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The change would leave no administrator", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid permission", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn update_role(
@@ -401,34 +314,15 @@ pub async fn update_role(
     Path(name): Path<String>,
     Json(body): Json<PatchRole>,
 ) -> Result<axum::Json<Role>, ApiError> {
-    let permissions = body
-        .permissions
-        .as_deref()
-        .map(|p| validate_names("permissions", p))
-        .transpose()?;
-    if body.description.as_ref().is_some_and(|d| d.len() > 1024) {
-        return Err(ApiError::validation(
-            "description",
-            "must be at most 1024 bytes",
-        ));
-    }
-    let event = admin_event(
-        "admin_role_update",
+    let role = auth::update_role(
+        &state,
         &admin,
         &client,
-        serde_json::json!({ "role": name, "permissions": permissions }),
-    );
-    let role = state
-        .db
-        .update_role(
-            &name,
-            &RoleUpdate {
-                description: body.description,
-                permissions,
-            },
-            &event,
-        )
-        .await?;
+        &name,
+        body.description,
+        body.permissions,
+    )
+    .await?;
     Ok(axum::Json(role))
 }
 
@@ -438,6 +332,7 @@ pub async fn update_role(
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, description = "No such role", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The change would leave no administrator", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn delete_role(
     State(state): State<AppState>,
@@ -445,13 +340,7 @@ pub async fn delete_role(
     Client(client): Client,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let event = admin_event(
-        "admin_role_delete",
-        &admin,
-        &client,
-        serde_json::json!({ "role": name }),
-    );
-    state.db.delete_role(&name, &event).await?;
+    auth::delete_role(&state, &admin, &client, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -513,22 +402,69 @@ pub async fn set_config(
 
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct AuditQuery {
-    /// How many of the newest events, 1–500 (default 100).
+pub struct AuditParams {
+    /// Only events about this user.
+    pub user_id: Option<Uuid>,
+    /// Only events of this kind (`login`, `lockout`, `admin_user_update`, ...).
+    pub kind: Option<String>,
+    /// Only events with this outcome (`success`, `failure`, ...).
+    pub outcome: Option<String>,
+    /// Only events at or after this time (RFC 3339).
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only events before this time (RFC 3339).
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Page size, 1–500 (default 100).
     pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
 }
 
-/// The newest security audit events.
-#[utoipa::path(get, path = "/v1/admin/audit", tag = "admin", security(("bearer" = [])), params(AuditQuery),
-    responses((status = 200, description = "Events, newest first", body = [StoredAuditEvent])))]
+#[derive(Serialize, ToSchema)]
+pub struct AuditPage {
+    /// Newest first.
+    pub events: Vec<StoredAuditEvent>,
+    /// Pass as `cursor` for the next (older) page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Security audit events, newest first, filtered and paginated.
+#[utoipa::path(get, path = "/v1/admin/audit", tag = "admin", security(("bearer" = [])), params(AuditParams),
+    responses(
+        (status = 200, description = "A page of events", body = AuditPage),
+        (status = 422, description = "A malformed filter or cursor", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn audit_log(
     State(state): State<AppState>,
     Admin(_): Admin,
-    Query(q): Query<AuditQuery>,
-) -> Result<axum::Json<Vec<StoredAuditEvent>>, ApiError> {
+    Query(q): Query<AuditParams>,
+) -> Result<axum::Json<AuditPage>, ApiError> {
     let limit = q.limit.unwrap_or(100);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::validation("limit", "must be from 1 to 500"));
     }
-    Ok(axum::Json(state.db.recent_audit(limit).await?))
+    let before_id = q
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse::<i64>()
+                .map_err(|_| ApiError::validation("cursor", "is not a cursor this API gave"))
+        })
+        .transpose()?;
+    let (events, next_cursor) = auth::audit_page(
+        &state,
+        AuditQuery {
+            user_id: q.user_id,
+            kind: q.kind,
+            outcome: q.outcome,
+            since: q.since,
+            until: q.until,
+            before_id,
+            limit,
+        },
+    )
+    .await?;
+    Ok(axum::Json(AuditPage {
+        events,
+        next_cursor,
+    }))
 }

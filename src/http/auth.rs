@@ -26,7 +26,7 @@ use crate::{
     sessions::SessionStore,
     store::IdentityStore,
     tokens::Claims,
-    users::{AuditEvent, User},
+    users::User,
 };
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -109,8 +109,9 @@ pub struct RegisterRequest {
     responses(
         (status = 201, description = "Registered", body = User),
         (status = 404, description = "Registration is disabled", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Username or email taken", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Username or email taken (counted against the client IP, like a failed login)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid field or weak password", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many failures from this client IP; see Retry-After", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn register(
     State(state): State<AppState>,
@@ -122,17 +123,12 @@ pub async fn register(
         return Err(ApiError::NotFound);
     }
     let Json(body) = body?;
-    let user = auth::create_user(
+    let user = auth::register(
         &state,
         &body.username,
         body.email.as_deref(),
         SecretString::from(body.password),
-        Vec::new(),
-        |username| {
-            AuditEvent::new("register", "success")
-                .username(username)
-                .ip(client.ip)
-        },
+        &client,
     )
     .await?;
     Ok((StatusCode::CREATED, axum::Json(user)).into_response())
@@ -306,12 +302,14 @@ pub struct PasswordChange {
     pub new_password: String,
 }
 
-/// Change one's password; ends every other session.
+/// Change one's password; ends every other session. Tokens minted before the
+/// change stop validating, the caller's too: its refresh token goes on.
 #[utoipa::path(post, path = "/v1/auth/password", tag = "auth", security(("bearer" = [])), request_body = PasswordChange,
     responses(
         (status = 204, description = "Changed"),
         (status = 401, description = "Invalid token", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Wrong current password or weak new one", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Locked out: too many wrong passwords, here or at login; see Retry-After", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn change_password(
     State(state): State<AppState>,

@@ -70,6 +70,10 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("{0}")]
     Conflict(String),
+    #[error(
+        "the change would leave no enabled user with auth:admin; make another administrator first"
+    )]
+    LastAdmin,
     #[error("too many attempts; retry after {retry_after} s")]
     TooManyRequests { retry_after: u64 },
     #[error("{what} is temporarily unavailable")]
@@ -108,7 +112,7 @@ impl ApiError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Conflict(_) | Self::LastAdmin => StatusCode::CONFLICT,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } | Self::Starting | Self::Overloaded | Self::Timeout => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -133,6 +137,7 @@ impl ApiError {
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Conflict(_) => "conflict",
+            Self::LastAdmin => "last_admin",
             Self::TooManyRequests { .. } => "too_many_requests",
             Self::Unavailable { .. } => "unavailable",
             Self::Starting => "starting",
@@ -211,11 +216,24 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        if e.is_unavailable() {
+            // Unguarded calls too (the embedded session store's busy lock).
+            let what = match e {
+                StoreError::Unavailable(dep) => dep.as_str(),
+                StoreError::Redis(_) => "redis",
+                _ => "database",
+            };
+            return Self::Unavailable {
+                what,
+                retry_after: 1,
+            };
+        }
         match e {
             StoreError::Unavailable(dep) => Self::Unavailable {
                 what: dep.as_str(),
                 retry_after: 1,
             },
+            StoreError::LastAdmin => Self::LastAdmin,
             StoreError::Conflict(what) => Self::Conflict(format!("already exists ({what})")),
             StoreError::NotFound => Self::NotFound,
             StoreError::Invalid { field, message } => Self::validation(field, message),
@@ -276,6 +294,7 @@ mod tests {
             (ApiError::Forbidden("no".into()), 403, "forbidden"),
             (ApiError::NotFound, 404, "not_found"),
             (ApiError::Conflict("x".into()), 409, "conflict"),
+            (StoreError::LastAdmin.into(), 409, "last_admin"),
             (
                 ApiError::TooManyRequests { retry_after: 3 },
                 429,

@@ -293,7 +293,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Bearer {
     }
 }
 
-/// A caller with a valid access token and a live session.
+/// A caller with a valid access token and a session checked now: while the
+/// session store is unreachable this is 503, whatever the outage policy (only
+/// the validation endpoints for gateways accept unchecked tokens).
 pub struct Authenticated(pub Claims);
 
 impl FromRequestParts<AppState> for Authenticated {
@@ -304,12 +306,13 @@ impl FromRequestParts<AppState> for Authenticated {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let token = bearer_token(&parts.headers)?;
-        let claims = auth::validate(state, token, None).await?;
+        let claims = auth::authenticate(state, token, None).await?;
         Ok(Self(claims))
     }
 }
 
-/// A caller whose token grants `auth:admin`.
+/// A caller whose token grants `auth:admin`, with its session checked now (see
+/// [`Authenticated`]).
 pub struct Admin(pub Claims);
 
 impl FromRequestParts<AppState> for Admin {
@@ -320,7 +323,7 @@ impl FromRequestParts<AppState> for Admin {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let token = bearer_token(&parts.headers)?;
-        let claims = auth::validate(state, token, Some(ADMIN_PERMISSION)).await?;
+        let claims = auth::authenticate(state, token, Some(ADMIN_PERMISSION)).await?;
         Ok(Self(claims))
     }
 }

@@ -139,7 +139,7 @@ async fn probe(state: &AppState) -> BTreeMap<&'static str, Component> {
             metrics
                 .dependency_circuit_open
                 .with_label_values(&["redis"])
-                .set(i64::from(client.guard().is_open()));
+                .set(i64::from(client.any_breaker_open()));
             let mode = if state.config.redis.as_ref().is_some_and(|r| r.cluster) {
                 "cluster"
             } else {

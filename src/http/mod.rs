@@ -35,6 +35,7 @@ use tower_http::{
     cors::{AllowOrigin, CorsLayer},
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
     sensitive_headers::SetSensitiveRequestHeadersLayer,
+    set_header::SetResponseHeaderLayer,
     trace::{DefaultOnResponse, TraceLayer},
 };
 use tracing::Level;
@@ -97,27 +98,46 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .merge(wellknown::router())
 }
 
-/// The routes, split into the API (behind the limits) and the probes, and the
-/// finished document describing both.
-fn parts() -> (Router<AppState>, Router<AppState>, utoipa::openapi::OpenApi) {
+/// The routes, split into the API for browsers and apps, the gateway checks
+/// (forward-auth; both behind the limits) and the probes, and the finished
+/// document describing them all.
+fn parts() -> (
+    Router<AppState>,
+    Router<AppState>,
+    Router<AppState>,
+    utoipa::openapi::OpenApi,
+) {
     let (api, mut doc) = api_routes().split_for_parts();
-    let api = api.merge(auth::forward_auth_router());
     let (probes, probe_doc) = health::router().split_for_parts();
     doc.merge(probe_doc);
     finish_document(&mut doc);
-    (api, probes, doc)
+    (api, auth::forward_auth_router(), probes, doc)
 }
 
 /// The OpenAPI document exactly as `/openapi.json` serves it.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    parts().2
+    parts().3
 }
 
 /// The whole application: routes, the OpenAPI document and every layer.
 pub fn router(state: AppState) -> Router {
     let config = state.config.clone();
-    let (api, probes, doc) = parts();
+    let (api, forward_auth, probes, doc) = parts();
     let doc = Arc::new(doc);
+    // CORS only when configured (without it no Access-Control-* header is ever
+    // sent, and browsers keep the same-origin policy), and only on the API:
+    // never on forward-auth, whose OPTIONS requests are a gateway's check of a
+    // browser's request (Envoy forwards the original method), not a preflight.
+    let api = match &config.cors_origins {
+        // The fallback first: a router's method-not-allowed fallback set after a
+        // layer is not wrapped by it, and preflights reach the routes through it.
+        Some(origins) => api
+            .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+            .layer(cors(origins))
+            .layer(middleware::from_fn(only_preflights_are_options)),
+        None => api,
+    };
+    let api = api.merge(forward_auth);
 
     // API routes get a timeout and a concurrency limit that sheds load with 503
     // instead of queueing. Probes stay outside both: an overloaded replica is not
@@ -150,12 +170,6 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(Extension(BodyReadTimeout(config.body_read_timeout)))
         .layer(middleware::from_fn_with_state(state.clone(), observe));
-    // CORS only when configured: without it no Access-Control-* header is ever
-    // sent, and browsers keep the same-origin policy.
-    let router = match &config.cors_origins {
-        Some(origins) => router.layer(cors(origins)),
-        None => router,
-    };
     router
         .layer(
             ServiceBuilder::new()
@@ -181,7 +195,7 @@ pub fn router(state: AppState) -> Router {
                             // The path only: query strings are the client's business.
                             tracing::info_span!(
                                 "request",
-                                method = %req.method(),
+                                method = method_label(req.method()),
                                 path = %req.uri().path(),
                                 request_id = %request_id,
                             )
@@ -191,6 +205,15 @@ pub fn router(state: AppState) -> Router {
                 )
                 .layer(PropagateRequestIdLayer::new(X_REQUEST_ID.clone()))
                 .layer(middleware::map_response(security_headers))
+                // Browsers that reached us over https keep to https for a year.
+                // Only when the issuer (our public URL) is https: HSTS over plain
+                // http is ignored by browsers, and would be wrong in development.
+                .option_layer(config.issuer.starts_with("https://").then(|| {
+                    SetResponseHeaderLayer::if_not_present(
+                        header::STRICT_TRANSPORT_SECURITY,
+                        HeaderValue::from_static("max-age=31536000"),
+                    )
+                }))
                 .layer(CatchPanicLayer::custom(panic_response)),
         )
         .with_state(state)
@@ -257,6 +280,21 @@ fn cors(origins: &CorsOrigins) -> CorsLayer {
         .max_age(std::time::Duration::from_secs(600))
 }
 
+/// In front of the CORS layer, which answers every OPTIONS request as a
+/// preflight: only a real one (with `Origin` and
+/// `Access-Control-Request-Method`) gets that far. Any other OPTIONS request is
+/// what it is, a method no API route serves.
+async fn only_preflights_are_options(req: Request, next: Next) -> Response {
+    let preflight = req.headers().contains_key(header::ORIGIN)
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    if req.method() == Method::OPTIONS && !preflight {
+        return ApiError::MethodNotAllowed.into_response();
+    }
+    next.run(req).await
+}
+
 /// Answers the API with 503 until startup (migrations, keys) has finished.
 async fn require_started(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if state.lifecycle.phase() == Phase::Starting {
@@ -269,7 +307,7 @@ async fn require_started(State(state): State<AppState>, req: Request, next: Next
 /// keep-alive clients reconnect through the load balancer to another replica.
 async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().clone();
+    let method = method_label(req.method());
     // The template, never the raw path: raw paths would give every user id its
     // own time series.
     let route = req
@@ -284,11 +322,11 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     let status = response.status();
     metrics
         .http_requests
-        .with_label_values(&[route.as_str(), method.as_str(), status.as_str()])
+        .with_label_values(&[route.as_str(), method, status.as_str()])
         .inc();
     metrics
         .http_duration
-        .with_label_values(&[route.as_str(), method.as_str()])
+        .with_label_values(&[route.as_str(), method])
         .observe(start.elapsed().as_secs_f64());
     if state.lifecycle.is_draining() {
         response
@@ -296,6 +334,24 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
+}
+
+/// The method as a metric label or log field: one of the standard methods, or
+/// `other`. hyper accepts any token as a method (`EVIL`, 8,000 characters of it);
+/// as a label, each would be a new time series kept for the life of the process.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "other",
+    }
 }
 
 async fn middleware_error(err: BoxError) -> ApiError {

@@ -29,6 +29,14 @@ pub struct Session {
     /// unreachable during a refresh.
     pub roles: Vec<String>,
     pub permissions: Vec<String>,
+    /// The user's authorization version the snapshot was taken at (see
+    /// [`SessionStore::set_authz_version`]).
+    pub authz_version: u64,
+    /// The user's `password_changed_at` (Unix microseconds) the session was
+    /// started under, or confirmed by a password change made from it. A refresh
+    /// refuses the session once the password changed since. None for sessions
+    /// of releases before it was kept: those are judged by `created_at`.
+    pub password_epoch: Option<i64>,
     pub created_at: i64,
     pub last_used_at: i64,
     /// The absolute end of the session.
@@ -39,27 +47,110 @@ pub struct Session {
     pub generation: u64,
 }
 
-/// The answer to a refresh.
+impl Session {
+    /// Whether the password the session was started with is still the user's
+    /// (`password_changed_at`, Unix microseconds).
+    pub fn predates_password_change(&self, password_changed_at_us: i64) -> bool {
+        match self.password_epoch {
+            Some(epoch) => epoch != password_changed_at_us,
+            None => self.created_at.saturating_mul(1000) < password_changed_at_us,
+        }
+    }
+}
+
+/// The answer to a refresh. `authz_version` is the user's authorization version
+/// in the session store at that moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefreshOutcome {
     /// The presented token was current: the replacement is now current.
-    Rotated(Session),
+    Rotated {
+        session: Session,
+        authz_version: u64,
+    },
     /// The presented token was used just before, within the reuse grace: the
     /// replacement is current as well.
-    Grace(Session),
+    Grace {
+        session: Session,
+        authz_version: u64,
+    },
     /// The presented token was already used: the session is revoked.
     Reused,
     /// No such session, or a token this session never issued.
     Unknown,
 }
 
-/// Failed-login limits: counts per username and per client IP.
+/// One refresh: the presented token and its replacement (hashes), and the time
+/// rules.
+#[derive(Debug, Clone, Copy)]
+pub struct Rotation<'a> {
+    pub presented_hash: &'a str,
+    /// The presented token carries our tag for this session, so it was issued to
+    /// it: if it is not current (nor within the grace), it was used, however many
+    /// rotations ago, and the session is revoked. A token without a tag (of a
+    /// release before tags) is judged by the bounded history of used hashes.
+    pub authentic: bool,
+    pub replacement_hash: &'a str,
+    pub now_ms: i64,
+    pub grace_ms: i64,
+    pub idle_ms: i64,
+}
+
+/// Failed-login limits: counts per account and per client IP.
 #[derive(Debug, Clone, Copy)]
 pub struct LockoutPolicy {
     pub threshold: u64,
     pub window_ms: i64,
-    /// Failures per client IP per minute.
+    /// Failures per client IP per minute before its attempts are slowed down.
     pub ip_limit: u64,
+}
+
+/// The answer to [`SessionStore::reserve_attempt`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// The attempt may check the password; it counts as a failure until the
+    /// counter is cleared. `lock_ms` is the lockout it started, if it was the
+    /// attempt that reached the threshold.
+    Admitted { lock_ms: Option<i64> },
+    /// Locked out for this many more milliseconds; nothing was counted.
+    Locked { retry_ms: i64 },
+}
+
+/// The answer to [`SessionStore::ip_admission`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpAdmission {
+    /// Under the IP's failure limit: go ahead.
+    Now,
+    /// Over the limit: go ahead after waiting this many milliseconds (a slot of
+    /// the IP's slow lane is reserved for the attempt).
+    After(i64),
+    /// Over the limit and the slow lane is full: come back in this many ms.
+    Refused(i64),
+}
+
+/// Over its failure limit, a client IP gets one attempt per `60 s / limit` (its
+/// average allowed rate), each waiting at most this long for its turn; attempts
+/// that would wait longer are refused with the time to come back.
+pub const IP_SLOW_LANE_MAX_WAIT_MS: i64 = 5_000;
+
+/// The spacing of attempts in an IP's slow lane.
+pub fn ip_slow_lane_interval_ms(policy: LockoutPolicy) -> i64 {
+    let limit = i64::try_from(policy.ip_limit.max(1)).unwrap_or(i64::MAX);
+    (60_000 / limit).max(1)
+}
+
+/// How long a user's authorization version is kept in the session store after
+/// its last change: longer than any access token lives (at most a day), so a
+/// token minted before the change cannot outlive the record that refuses it.
+pub const AUTHZ_VERSION_TTL_MS: i64 = 25 * 3_600_000;
+
+/// What failed logins are counted under: the account once the name resolves to
+/// one (every spelling of the name shares its budget), else the normalized name
+/// (bounded: names longer than a username may be never get here).
+pub fn lockout_subject(account: Option<Uuid>, normalized_name: &str) -> String {
+    match account {
+        Some(id) => format!("id:{}", id.simple()),
+        None => format!("name:{normalized_name}"),
+    }
 }
 
 /// The storage of sessions and login counters.
@@ -67,35 +158,34 @@ pub struct LockoutPolicy {
 pub trait SessionStore {
     /// Stores a new session whose current refresh token hashes to `refresh_hash`;
     /// returns once the session is durable enough to acknowledge (see the Redis
-    /// implementation for replication).
+    /// implementation for replication). When the user then has more than
+    /// `max_sessions` sessions, the oldest end; returns how many did.
     async fn create(
         &self,
         session: &Session,
         refresh_hash: &str,
         idle_ms: i64,
-    ) -> Result<(), StoreError>;
-    /// Whether the session exists and has neither idled out nor expired; moves
-    /// its idle timer forward when it was last moved over [`TOUCH_INTERVAL_MS`] ago.
+        max_sessions: u64,
+    ) -> Result<u64, StoreError>;
+    /// Whether the session exists and has neither idled out nor expired, with
+    /// the user's authorization version (0 if none is recorded); moves its idle
+    /// timer forward when it was last moved over [`TOUCH_INTERVAL_MS`] ago.
     async fn check(
         &self,
         user_id: Uuid,
         session_id: Uuid,
         now_ms: i64,
         idle_ms: i64,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Option<u64>, StoreError>;
     /// Rotates the refresh token, atomically: see [`RefreshOutcome`].
-    #[allow(clippy::too_many_arguments)]
     async fn rotate_refresh(
         &self,
         user_id: Uuid,
         session_id: Uuid,
-        presented_hash: &str,
-        replacement_hash: &str,
-        now_ms: i64,
-        grace_ms: i64,
-        idle_ms: i64,
+        rotation: &Rotation<'_>,
     ) -> Result<RefreshOutcome, StoreError>;
-    /// Replaces the identity snapshot (username, roles, permissions).
+    /// Replaces the identity snapshot (username, roles, permissions, their
+    /// authorization version, the password epoch) of a session that still exists.
     async fn update_identity(&self, session: &Session) -> Result<(), StoreError>;
     /// The user's live sessions.
     async fn list(&self, user_id: Uuid, now_ms: i64) -> Result<Vec<Session>, StoreError>;
@@ -103,22 +193,47 @@ pub trait SessionStore {
     async fn revoke(&self, user_id: Uuid, session_id: Uuid) -> Result<bool, StoreError>;
     /// Ends every session of the user but `except`; returns how many ended.
     async fn revoke_all(&self, user_id: Uuid, except: Option<Uuid>) -> Result<u64, StoreError>;
-
-    /// Milliseconds left on the username's lockout, if any.
-    async fn login_lock(&self, username: &str, now_ms: i64) -> Result<Option<i64>, StoreError>;
-    /// Counts a failed login for the username and the IP; returns the lockout
-    /// that the failure started (ms), if it crossed the threshold. Each failure
-    /// past the threshold doubles the lockout, up to the window.
-    async fn record_login_failure(
+    /// Records the password epoch of a session that outlives a password change
+    /// made from it (see [`Session::password_epoch`]).
+    async fn set_password_epoch(
         &self,
-        username: &str,
-        client_ip: Option<&str>,
+        user_id: Uuid,
+        session_id: Uuid,
+        password_epoch: i64,
+    ) -> Result<(), StoreError>;
+    /// Raises the user's authorization version to `version` (never lowers it),
+    /// kept for [`AUTHZ_VERSION_TTL_MS`]: tokens minted under an older version
+    /// stop validating.
+    async fn set_authz_version(
+        &self,
+        user_id: Uuid,
+        version: u64,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Reserves one password attempt for `subject` (see [`lockout_subject`]), in
+    /// one atomic step, so concurrent attempts cannot all pass a check made
+    /// before any of them failed: the attempt counts as a failure until
+    /// [`Self::clear_login_failures`]; the one that reaches the threshold starts
+    /// the lockout, which doubles with each further failure, up to the window.
+    async fn reserve_attempt(
+        &self,
+        subject: &str,
         now_ms: i64,
         policy: LockoutPolicy,
-    ) -> Result<Option<i64>, StoreError>;
-    async fn clear_login_failures(&self, username: &str) -> Result<(), StoreError>;
-    /// Failed logins from the IP in the current minute, and ms until it resets.
-    async fn ip_failures(&self, client_ip: &str, now_ms: i64) -> Result<(u64, i64), StoreError>;
+    ) -> Result<Attempt, StoreError>;
+    /// Forgets the subject's failures and lockout (after a correct password).
+    async fn clear_login_failures(&self, subject: &str) -> Result<(), StoreError>;
+    /// Counts a failed attempt from a client IP, in a fixed minute from its first.
+    async fn record_ip_failure(&self, client_ip: &str, now_ms: i64) -> Result<(), StoreError>;
+    /// Whether an attempt from the client IP may go ahead now, after a wait in the
+    /// IP's slow lane, or not (see [`IpAdmission`]).
+    async fn ip_admission(
+        &self,
+        client_ip: &str,
+        now_ms: i64,
+        policy: LockoutPolicy,
+    ) -> Result<IpAdmission, StoreError>;
 }
 
 /// The first lockout after the threshold; it doubles with each further failure.
@@ -156,8 +271,9 @@ impl SessionStore for Sessions {
         session: &Session,
         refresh_hash: &str,
         idle_ms: i64,
-    ) -> Result<(), StoreError> {
-        dispatch!(self.create(session, refresh_hash, idle_ms))
+        max_sessions: u64,
+    ) -> Result<u64, StoreError> {
+        dispatch!(self.create(session, refresh_hash, idle_ms, max_sessions))
     }
     async fn check(
         &self,
@@ -165,28 +281,16 @@ impl SessionStore for Sessions {
         session_id: Uuid,
         now_ms: i64,
         idle_ms: i64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         dispatch!(self.check(user_id, session_id, now_ms, idle_ms))
     }
     async fn rotate_refresh(
         &self,
         user_id: Uuid,
         session_id: Uuid,
-        presented_hash: &str,
-        replacement_hash: &str,
-        now_ms: i64,
-        grace_ms: i64,
-        idle_ms: i64,
+        rotation: &Rotation<'_>,
     ) -> Result<RefreshOutcome, StoreError> {
-        dispatch!(self.rotate_refresh(
-            user_id,
-            session_id,
-            presented_hash,
-            replacement_hash,
-            now_ms,
-            grace_ms,
-            idle_ms
-        ))
+        dispatch!(self.rotate_refresh(user_id, session_id, rotation))
     }
     async fn update_identity(&self, session: &Session) -> Result<(), StoreError> {
         dispatch!(self.update_identity(session))
@@ -200,23 +304,53 @@ impl SessionStore for Sessions {
     async fn revoke_all(&self, user_id: Uuid, except: Option<Uuid>) -> Result<u64, StoreError> {
         dispatch!(self.revoke_all(user_id, except))
     }
-    async fn login_lock(&self, username: &str, now_ms: i64) -> Result<Option<i64>, StoreError> {
-        dispatch!(self.login_lock(username, now_ms))
-    }
-    async fn record_login_failure(
+    async fn set_password_epoch(
         &self,
-        username: &str,
-        client_ip: Option<&str>,
+        user_id: Uuid,
+        session_id: Uuid,
+        password_epoch: i64,
+    ) -> Result<(), StoreError> {
+        dispatch!(self.set_password_epoch(user_id, session_id, password_epoch))
+    }
+    async fn set_authz_version(
+        &self,
+        user_id: Uuid,
+        version: u64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        dispatch!(self.set_authz_version(user_id, version, now_ms))
+    }
+    async fn reserve_attempt(
+        &self,
+        subject: &str,
         now_ms: i64,
         policy: LockoutPolicy,
-    ) -> Result<Option<i64>, StoreError> {
-        dispatch!(self.record_login_failure(username, client_ip, now_ms, policy))
+    ) -> Result<Attempt, StoreError> {
+        dispatch!(self.reserve_attempt(subject, now_ms, policy))
     }
-    async fn clear_login_failures(&self, username: &str) -> Result<(), StoreError> {
-        dispatch!(self.clear_login_failures(username))
+    async fn clear_login_failures(&self, subject: &str) -> Result<(), StoreError> {
+        dispatch!(self.clear_login_failures(subject))
     }
-    async fn ip_failures(&self, client_ip: &str, now_ms: i64) -> Result<(u64, i64), StoreError> {
-        dispatch!(self.ip_failures(client_ip, now_ms))
+    async fn record_ip_failure(&self, client_ip: &str, now_ms: i64) -> Result<(), StoreError> {
+        dispatch!(self.record_ip_failure(client_ip, now_ms))
+    }
+    async fn ip_admission(
+        &self,
+        client_ip: &str,
+        now_ms: i64,
+        policy: LockoutPolicy,
+    ) -> Result<IpAdmission, StoreError> {
+        dispatch!(self.ip_admission(client_ip, now_ms, policy))
+    }
+}
+
+impl Sessions {
+    /// Whether this store is shared by replicas over the network (Redis), so
+    /// that its being unreachable is an outage the outage policy governs. The
+    /// embedded store is a file of this process: its errors (a busy lock) are
+    /// never a reason to accept a token unchecked.
+    pub fn is_networked(&self) -> bool {
+        matches!(self, Self::Redis(_))
     }
 }
 

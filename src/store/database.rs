@@ -16,8 +16,8 @@ use super::{guard::Guard, Dependency, IdentityStore, StoreError, StoredKey};
 use crate::{
     config::{Config, DatabaseConfig},
     users::{
-        AuditEvent, Credentials, NewUser, Role, RoleUpdate, StoredAuditEvent, User, UserPage,
-        UserUpdate,
+        AuditEvent, AuditQuery, AuthzVersion, Credentials, NewUser, Role, RoleUpdate,
+        StoredAuditEvent, User, UserPage, UserUpdate,
     },
 };
 
@@ -65,10 +65,10 @@ impl Database {
                 )
             }
             DatabaseConfig::Embedded => {
-                std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+                prepare_data_dir(&config.data_dir).map_err(|e| {
                     StoreError::Database(sqlx::Error::Configuration(
                         format!(
-                            "cannot create AUTH_DATA_DIR {}: {e}",
+                            "cannot prepare AUTH_DATA_DIR {}: {e}",
                             config.data_dir.display()
                         )
                         .into(),
@@ -129,6 +129,62 @@ impl Database {
     }
 }
 
+/// The files of the embedded data directory; all of them are the owner's alone.
+const DATA_FILES: [&str; 5] = [
+    "auth.db",
+    "auth.db-wal",
+    "auth.db-shm",
+    "key-encryption.key",
+    "initial-admin-password",
+];
+
+/// Makes the embedded data directory private: it holds the password hashes, the
+/// sessions and (without AUTH_KEY_ENCRYPTION_KEY) the key that opens the signing
+/// keys. The directory is created 0700 and every file in it is 0600, whatever
+/// the umask: the database file is created here, empty, before SQLite opens it,
+/// because SQLite creates files by the umask and gives its -wal and -shm files
+/// the database file's permissions. A directory that already exists is left as
+/// it is (it may be the operator's), with a warning if others may enter it.
+fn prepare_data_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+        if dir.exists() {
+            let mode = std::fs::metadata(dir)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(data_dir = %dir.display(), mode = format!("{:o}", mode & 0o777), "AUTH_DATA_DIR is open to other users; its files are 0600, but make the directory 0700");
+            }
+        } else {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join("auth.db"))
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        for name in DATA_FILES {
+            let path = dir.join(name);
+            if path.exists() {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::create_dir_all(dir)
+    }
+}
+
 /// Runs one [`IdentityStore`] method on whichever backend is configured, under the
 /// guard (timeout and circuit breaker), so each method below is one line and the
 /// two backends are never spelled out per method.
@@ -175,8 +231,13 @@ impl IdentityStore for Database {
     async fn delete_user(&self, id: Uuid, audit: &AuditEvent) -> Result<(), StoreError> {
         dispatch!(self.delete_user(id, audit))
     }
-    async fn replace_password_hash(&self, id: Uuid, password_hash: &str) -> Result<(), StoreError> {
-        dispatch!(self.replace_password_hash(id, password_hash))
+    async fn replace_password_hash(
+        &self,
+        id: Uuid,
+        expected: &str,
+        password_hash: &str,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self.replace_password_hash(id, expected, password_hash))
     }
     async fn create_first_user(
         &self,
@@ -203,17 +264,28 @@ impl IdentityStore for Database {
         name: &str,
         update: &RoleUpdate,
         audit: &AuditEvent,
-    ) -> Result<Role, StoreError> {
+    ) -> Result<(Role, Vec<AuthzVersion>), StoreError> {
         dispatch!(self.update_role(name, update, audit))
     }
-    async fn delete_role(&self, name: &str, audit: &AuditEvent) -> Result<(), StoreError> {
+    async fn delete_role(
+        &self,
+        name: &str,
+        audit: &AuditEvent,
+    ) -> Result<Vec<AuthzVersion>, StoreError> {
         dispatch!(self.delete_role(name, audit))
     }
     async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
         dispatch!(self.record_audit(event))
     }
-    async fn recent_audit(&self, limit: u32) -> Result<Vec<StoredAuditEvent>, StoreError> {
-        dispatch!(self.recent_audit(limit))
+    async fn audit_events(&self, query: &AuditQuery) -> Result<Vec<StoredAuditEvent>, StoreError> {
+        dispatch!(self.audit_events(query))
+    }
+    async fn prune_audit(
+        &self,
+        before: chrono::DateTime<chrono::Utc>,
+        batch: u32,
+    ) -> Result<Option<u64>, StoreError> {
+        dispatch!(self.prune_audit(before, batch))
     }
     async fn load_configuration(&self) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
         dispatch!(self.load_configuration())
@@ -258,6 +330,8 @@ pub(super) fn conflict(e: sqlx::Error) -> StoreError {
         "username"
     } else if what.contains("users_email_key") {
         "email"
+    } else if what.contains("users_username_ascii_key") {
+        "username"
     } else if what == "roles_pkey" || what.ends_with(": roles.name") {
         "role"
     } else if what == "signing_keys_pkey" || what.ends_with(": signing_keys.kid") {

@@ -7,12 +7,12 @@ use uuid::Uuid;
 
 use super::StoreError;
 use crate::users::{
-    AuditEvent, Credentials, NewUser, Role, RoleUpdate, StoredAuditEvent, User, UserPage,
-    UserUpdate,
+    AuditEvent, AuditQuery, AuthzVersion, Credentials, NewUser, Role, RoleUpdate, StoredAuditEvent,
+    User, UserPage, UserUpdate,
 };
 
 /// A signing key as stored: the private half encrypted under the key-encryption key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct StoredKey {
     pub kid: String,
     /// `EdDSA` or `ES256`.
@@ -32,12 +32,21 @@ pub struct StoredKey {
 ///
 /// Errors: `NotFound` for a missing user/role, `Conflict` for a duplicate username
 /// (any letter case), email or role name, `Invalid` for a reference to a role that
-/// does not exist.
+/// does not exist, `LastAdmin` for a change (of a user's roles or disabled flag,
+/// a deletion, a role's permissions or its deletion) that would leave no enabled
+/// user with the admin permission where there was one: checked in the change's
+/// transaction, serialized with every other such change.
+///
+/// Every change of what a user may do (roles, a role's permissions, the disabled
+/// flag, the password) raises the user's `authz_version` in the same transaction,
+/// and the change returns the new versions, for the session store (see
+/// `SessionStore::set_authz_version`).
 #[allow(async_fn_in_trait)] // used with concrete types only, never as dyn
 pub trait IdentityStore {
     async fn create_user(&self, user: &NewUser, audit: &AuditEvent) -> Result<User, StoreError>;
     async fn get_user(&self, id: Uuid) -> Result<Option<User>, StoreError>;
-    /// Case-insensitive lookup by username.
+    /// Lookup by username, folding ASCII letters only (usernames are ASCII), the
+    /// same way whatever the database's locale.
     async fn find_credentials(&self, username: &str) -> Result<Option<Credentials>, StoreError>;
     /// Users ordered by lower-cased username, after `cursor` (exclusive), whose
     /// username contains `filter` (case-insensitive).
@@ -48,6 +57,7 @@ pub trait IdentityStore {
         limit: u32,
     ) -> Result<UserPage, StoreError>;
     /// Applies the update; a new password hash also sets `password_changed_at`.
+    /// The returned user carries the new `authz_version`.
     async fn update_user(
         &self,
         id: Uuid,
@@ -55,9 +65,15 @@ pub trait IdentityStore {
         audit: &AuditEvent,
     ) -> Result<User, StoreError>;
     async fn delete_user(&self, id: Uuid, audit: &AuditEvent) -> Result<(), StoreError>;
-    /// Replaces the hash after a parameter change (rehash on login); leaves
-    /// `password_changed_at` alone.
-    async fn replace_password_hash(&self, id: Uuid, password_hash: &str) -> Result<(), StoreError>;
+    /// Replaces the hash after a parameter change (rehash on login), only if the
+    /// stored hash is still `expected` (a password changed meanwhile stays);
+    /// leaves `password_changed_at` alone. Returns whether it replaced it.
+    async fn replace_password_hash(
+        &self,
+        id: Uuid,
+        expected: &str,
+        password_hash: &str,
+    ) -> Result<bool, StoreError>;
     /// Creates `user` (and `role` if missing, giving it to the user) only when no
     /// user exists at all. Exactly one of several replicas starting at once wins;
     /// the others get `Ok(None)`.
@@ -72,17 +88,31 @@ pub trait IdentityStore {
     async fn list_roles(&self) -> Result<Vec<Role>, StoreError>;
     async fn get_role(&self, name: &str) -> Result<Option<Role>, StoreError>;
     async fn create_role(&self, role: &Role, audit: &AuditEvent) -> Result<Role, StoreError>;
+    /// Returns the role and, when its permissions changed, the new authorization
+    /// versions of its holders.
     async fn update_role(
         &self,
         name: &str,
         update: &RoleUpdate,
         audit: &AuditEvent,
-    ) -> Result<Role, StoreError>;
-    async fn delete_role(&self, name: &str, audit: &AuditEvent) -> Result<(), StoreError>;
+    ) -> Result<(Role, Vec<AuthzVersion>), StoreError>;
+    /// Returns the new authorization versions of the role's former holders.
+    async fn delete_role(
+        &self,
+        name: &str,
+        audit: &AuditEvent,
+    ) -> Result<Vec<AuthzVersion>, StoreError>;
 
     async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
-    /// Newest first.
-    async fn recent_audit(&self, limit: u32) -> Result<Vec<StoredAuditEvent>, StoreError>;
+    /// The events `query` selects, newest first (by id).
+    async fn audit_events(&self, query: &AuditQuery) -> Result<Vec<StoredAuditEvent>, StoreError>;
+    /// Deletes up to `batch` of the oldest events from before `before`; None when
+    /// another replica is pruning now (PostgreSQL: one at a time).
+    async fn prune_audit(
+        &self,
+        before: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<Option<u64>, StoreError>;
 
     /// Every stored configuration entry.
     async fn load_configuration(&self) -> Result<Vec<(String, serde_json::Value)>, StoreError>;
@@ -107,4 +137,16 @@ pub trait IdentityStore {
         expected_newest: Option<&str>,
     ) -> Result<bool, StoreError>;
     async fn delete_signing_keys(&self, kids: &[String]) -> Result<(), StoreError>;
+}
+
+impl std::fmt::Debug for StoredKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredKey")
+            .field("kid", &self.kid)
+            .field("algorithm", &self.algorithm)
+            .field("private_key_encrypted", &crate::users::Redacted)
+            .field("created_at", &self.created_at)
+            .field("activates_at", &self.activates_at)
+            .finish_non_exhaustive()
+    }
 }

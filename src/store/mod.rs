@@ -50,6 +50,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("not found")]
     NotFound,
+    /// The change would leave no enabled user with the admin permission.
+    #[error("the change would leave no administrator")]
+    LastAdmin,
     /// The request refers to something that does not exist (an unknown role).
     #[error("invalid {field}: {message}")]
     Invalid {

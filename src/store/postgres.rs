@@ -15,8 +15,8 @@ use super::{
     IdentityStore, StoreError, StoredKey,
 };
 use crate::users::{
-    AuditEvent, Credentials, NewUser, Role, RoleUpdate, StoredAuditEvent, User, UserPage,
-    UserUpdate,
+    AuditEvent, AuditQuery, AuthzVersion, Credentials, NewUser, Role, RoleUpdate, StoredAuditEvent,
+    User, UserPage, UserUpdate, ADMIN_PERMISSION,
 };
 
 /// Advisory lock held while creating the first user.
@@ -25,11 +25,16 @@ const FIRST_USER_LOCK: i64 = 0x6175_7468_0000_0001;
 const SIGNING_KEY_LOCK: i64 = 0x6175_7468_0000_0002;
 /// Advisory lock held while changing configuration (see `set_configuration`).
 const CONFIGURATION_LOCK: i64 = 0x6175_7468_0000_0003;
+/// Advisory lock held by every change that could leave no administrator, so two
+/// of them (two admins demoting each other) cannot each see the other remain.
+const ADMINS_LOCK: i64 = 0x6175_7468_0000_0004;
+/// Advisory lock of the replica pruning audit events (tried, never waited for).
+const AUDIT_PRUNE_LOCK: i64 = 0x6175_7468_0000_0005;
 
 /// The columns of a [`User`], roles and permissions included, for `FROM users u`:
 /// one round trip and one snapshot per read, however many users it returns.
 const USER_COLUMNS: &str = "u.id, u.username, u.email, u.disabled, u.created_at, \
-    u.updated_at, u.password_changed_at, \
+    u.updated_at, u.password_changed_at, u.authz_version, \
     ARRAY(SELECT ur.role_name FROM user_roles ur WHERE ur.user_id = u.id) AS roles, \
     ARRAY(SELECT DISTINCT rp.permission FROM user_roles ur \
           JOIN role_permissions rp ON rp.role_name = ur.role_name \
@@ -53,7 +58,66 @@ fn user_from_row(row: &PgRow) -> Result<User, StoreError> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         password_changed_at: row.try_get("password_changed_at")?,
+        authz_version: u64::try_from(row.try_get::<i64, _>("authz_version")?)
+            .map_err(|_| StoreError::Corrupt("authz_version".into()))?,
     })
+}
+
+/// Enabled users whose roles grant the admin permission.
+async fn count_admins(conn: &mut PgConnection) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(DISTINCT u.id) FROM users u \
+         JOIN user_roles ur ON ur.user_id = u.id \
+         JOIN role_permissions rp ON rp.role_name = ur.role_name \
+         WHERE rp.permission = $1 AND NOT u.disabled",
+    )
+    .bind(ADMIN_PERMISSION)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Serializes changes that could remove the last administrator, and counts the
+/// administrators before the change (see `refuse_no_admins_left`).
+async fn lock_admins(conn: &mut PgConnection) -> Result<i64, StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(ADMINS_LOCK)
+        .execute(&mut *conn)
+        .await?;
+    count_admins(conn).await
+}
+
+/// Fails the transaction with `LastAdmin` when it would take the service from
+/// some administrators to none.
+async fn refuse_no_admins_left(conn: &mut PgConnection, before: i64) -> Result<(), StoreError> {
+    if before > 0 && count_admins(conn).await? == 0 {
+        return Err(StoreError::LastAdmin);
+    }
+    Ok(())
+}
+
+/// Raises the authorization version of every user holding `role`; returns their
+/// new versions.
+async fn bump_role_holders(
+    conn: &mut PgConnection,
+    role: &str,
+) -> Result<Vec<AuthzVersion>, StoreError> {
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+        "UPDATE users SET authz_version = authz_version + 1 \
+         WHERE id IN (SELECT user_id FROM user_roles WHERE role_name = $1) \
+         RETURNING id, authz_version",
+    )
+    .bind(role)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|(user_id, version)| {
+            Ok(AuthzVersion {
+                user_id,
+                version: u64::try_from(version)
+                    .map_err(|_| StoreError::Corrupt("authz_version".into()))?,
+            })
+        })
+        .collect()
 }
 
 fn role_from_row(row: &PgRow) -> Result<Role, StoreError> {
@@ -213,10 +277,11 @@ impl IdentityStore for PgPool {
     }
 
     async fn find_credentials(&self, username: &str) -> Result<Option<Credentials>, StoreError> {
-        // Served by the unique index on lower(username).
+        // ASCII folding on both sides, whatever the database's locale (see the
+        // migration 0003); served by the unique index on that expression.
         sqlx::query(&format!(
             "SELECT {USER_COLUMNS}, u.password_hash FROM users u \
-             WHERE lower(u.username) = lower($1)"
+             WHERE lower(u.username COLLATE \"C\") = lower($1::text COLLATE \"C\")"
         ))
         .bind(username)
         .fetch_optional(self)
@@ -245,8 +310,9 @@ impl IdentityStore for PgPool {
         let rows = sqlx::query(&format!(
             "SELECT {USER_COLUMNS} FROM users u \
              WHERE ($1::text IS NULL OR strpos(lower(u.username), lower($1)) > 0) \
-               AND ($2::text IS NULL OR lower(u.username) > lower($2)) \
-             ORDER BY lower(u.username) \
+               AND ($2::text IS NULL \
+                    OR lower(u.username COLLATE \"C\") > lower($2::text COLLATE \"C\")) \
+             ORDER BY lower(u.username COLLATE \"C\") \
              LIMIT $3"
         ))
         .bind(filter)
@@ -275,9 +341,22 @@ impl IdentityStore for PgPool {
         audit: &AuditEvent,
     ) -> Result<User, StoreError> {
         let mut tx = self.begin().await?;
-        // Always runs (even for a roles-only update): it locks the row, proves the
-        // user exists and bumps updated_at.
-        let updated = sqlx::query(
+        let may_remove_admin = update.roles.is_some() || update.disabled == Some(true);
+        let admins = if may_remove_admin {
+            Some(lock_admins(&mut tx).await?)
+        } else {
+            None
+        };
+        let before = sqlx::query(&format!(
+            "SELECT {USER_COLUMNS} FROM users u WHERE u.id = $1 FOR UPDATE OF u"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|row| user_from_row(&row))
+        .transpose()?
+        .ok_or(StoreError::NotFound)?;
+        sqlx::query(
             "UPDATE users SET \
                  email = CASE WHEN $2 THEN $3 ELSE email END, \
                  disabled = COALESCE($4, disabled), \
@@ -295,21 +374,33 @@ impl IdentityStore for PgPool {
         .execute(&mut *tx)
         .await
         .map_err(conflict)?;
-        if updated.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
         if let Some(roles) = &update.roles {
             check_roles_exist(&mut tx, roles).await?;
             set_user_roles(&mut tx, id, roles).await?;
         }
+        let mut user = fetch_user(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        if user.changes_authorization_of(&before) || update.password_hash.is_some() {
+            let version: i64 = sqlx::query_scalar(
+                "UPDATE users SET authz_version = authz_version + 1 WHERE id = $1 \
+                 RETURNING authz_version",
+            )
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+            user.authz_version =
+                u64::try_from(version).map_err(|_| StoreError::Corrupt("authz_version".into()))?;
+        }
+        if let Some(admins) = admins {
+            refuse_no_admins_left(&mut tx, admins).await?;
+        }
         insert_audit(&mut tx, audit).await?;
-        let user = fetch_user(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
         tx.commit().await?;
         Ok(user)
     }
 
     async fn delete_user(&self, id: Uuid, audit: &AuditEvent) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
+        let admins = lock_admins(&mut tx).await?;
         let deleted = sqlx::query("DELETE FROM users WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
@@ -317,21 +408,28 @@ impl IdentityStore for PgPool {
         if deleted.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
+        refuse_no_admins_left(&mut tx, admins).await?;
         insert_audit(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    async fn replace_password_hash(&self, id: Uuid, password_hash: &str) -> Result<(), StoreError> {
-        let updated = sqlx::query("UPDATE users SET password_hash = $2 WHERE id = $1")
-            .bind(id)
-            .bind(password_hash)
-            .execute(self)
-            .await?;
-        if updated.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
+    async fn replace_password_hash(
+        &self,
+        id: Uuid,
+        expected: &str,
+        password_hash: &str,
+    ) -> Result<bool, StoreError> {
+        // Only over the hash the caller verified: a password changed since (a
+        // reset landing while a login's rehash was computing) stays.
+        let updated =
+            sqlx::query("UPDATE users SET password_hash = $3 WHERE id = $1 AND password_hash = $2")
+                .bind(id)
+                .bind(expected)
+                .bind(password_hash)
+                .execute(self)
+                .await?;
+        Ok(updated.rows_affected() == 1)
     }
 
     async fn create_first_user(
@@ -422,31 +520,52 @@ impl IdentityStore for PgPool {
         name: &str,
         update: &RoleUpdate,
         audit: &AuditEvent,
-    ) -> Result<Role, StoreError> {
+    ) -> Result<(Role, Vec<AuthzVersion>), StoreError> {
         let mut tx = self.begin().await?;
-        // Always runs: it locks the row and proves the role exists.
-        let updated =
-            sqlx::query("UPDATE roles SET description = COALESCE($2, description) WHERE name = $1")
-                .bind(name)
-                .bind(update.description.as_deref())
-                .execute(&mut *tx)
-                .await?;
-        if updated.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
+        let admins = match update.permissions {
+            Some(_) => Some(lock_admins(&mut tx).await?),
+            None => None,
+        };
+        let before = sqlx::query(&format!(
+            "SELECT {ROLE_COLUMNS} FROM roles r WHERE r.name = $1 FOR UPDATE OF r"
+        ))
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|row| role_from_row(&row))
+        .transpose()?
+        .ok_or(StoreError::NotFound)?;
+        sqlx::query("UPDATE roles SET description = COALESCE($2, description) WHERE name = $1")
+            .bind(name)
+            .bind(update.description.as_deref())
+            .execute(&mut *tx)
+            .await?;
+        let mut bumped = Vec::new();
         if let Some(permissions) = &update.permissions {
             set_role_permissions(&mut tx, name, permissions).await?;
+            if distinct_sorted(permissions.clone()) != before.permissions {
+                bumped = bump_role_holders(&mut tx, name).await?;
+            }
+        }
+        if let Some(admins) = admins {
+            refuse_no_admins_left(&mut tx, admins).await?;
         }
         insert_audit(&mut tx, audit).await?;
         let role = fetch_role(&mut tx, name)
             .await?
             .ok_or(StoreError::NotFound)?;
         tx.commit().await?;
-        Ok(role)
+        Ok((role, bumped))
     }
 
-    async fn delete_role(&self, name: &str, audit: &AuditEvent) -> Result<(), StoreError> {
+    async fn delete_role(
+        &self,
+        name: &str,
+        audit: &AuditEvent,
+    ) -> Result<Vec<AuthzVersion>, StoreError> {
         let mut tx = self.begin().await?;
+        let admins = lock_admins(&mut tx).await?;
+        let bumped = bump_role_holders(&mut tx, name).await?;
         // Cascades to its permissions and to its assignments.
         let deleted = sqlx::query("DELETE FROM roles WHERE name = $1")
             .bind(name)
@@ -455,21 +574,35 @@ impl IdentityStore for PgPool {
         if deleted.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
+        refuse_no_admins_left(&mut tx, admins).await?;
         insert_audit(&mut tx, audit).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(bumped)
     }
 
     async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
         insert_audit(&mut *self.acquire().await?, event).await
     }
 
-    async fn recent_audit(&self, limit: u32) -> Result<Vec<StoredAuditEvent>, StoreError> {
+    async fn audit_events(&self, q: &AuditQuery) -> Result<Vec<StoredAuditEvent>, StoreError> {
         sqlx::query(
             "SELECT id, occurred_at, kind, user_id, username, client_ip, outcome, detail \
-             FROM audit_events ORDER BY id DESC LIMIT $1",
+             FROM audit_events \
+             WHERE ($1::uuid IS NULL OR user_id = $1) \
+               AND ($2::text IS NULL OR kind = $2) \
+               AND ($3::text IS NULL OR outcome = $3) \
+               AND ($4::timestamptz IS NULL OR occurred_at >= $4) \
+               AND ($5::timestamptz IS NULL OR occurred_at < $5) \
+               AND ($6::bigint IS NULL OR id < $6) \
+             ORDER BY id DESC LIMIT $7",
         )
-        .bind(i64::from(limit))
+        .bind(q.user_id)
+        .bind(q.kind.as_deref())
+        .bind(q.outcome.as_deref())
+        .bind(q.since)
+        .bind(q.until)
+        .bind(q.before_id)
+        .bind(i64::from(q.limit))
         .fetch_all(self)
         .await?
         .iter()
@@ -486,6 +619,35 @@ impl IdentityStore for PgPool {
             })
         })
         .collect()
+    }
+
+    async fn prune_audit(
+        &self,
+        before: chrono::DateTime<chrono::Utc>,
+        batch: u32,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut tx = self.begin().await?;
+        // One replica at a time; the others find the lock taken and leave it.
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(AUDIT_PRUNE_LOCK)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !locked {
+            return Ok(None);
+        }
+        // Oldest first, through the primary key, a batch per transaction: a
+        // backlog never holds a long lock on the table the logins write to.
+        let deleted = sqlx::query(
+            "DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events \
+             WHERE occurred_at < $1 ORDER BY id LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::from(batch))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(Some(deleted))
     }
 
     async fn load_configuration(&self) -> Result<Vec<(String, serde_json::Value)>, StoreError> {

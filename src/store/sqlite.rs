@@ -21,15 +21,15 @@ use super::{
     IdentityStore, StoreError, StoredKey,
 };
 use crate::users::{
-    AuditEvent, Credentials, NewUser, Role, RoleUpdate, StoredAuditEvent, User, UserPage,
-    UserUpdate,
+    AuditEvent, AuditQuery, AuthzVersion, Credentials, NewUser, Role, RoleUpdate, StoredAuditEvent,
+    User, UserPage, UserUpdate, ADMIN_PERMISSION,
 };
 
 const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
 
 /// The columns of a [`User`], roles and permissions included, for `FROM users u`.
 const USER_COLUMNS: &str = "u.id, u.username, u.email, u.disabled, u.created_at, \
-    u.updated_at, u.password_changed_at, \
+    u.updated_at, u.password_changed_at, u.authz_version, \
     (SELECT json_group_array(ur.role_name) FROM user_roles ur WHERE ur.user_id = u.id) \
     AS roles, \
     (SELECT json_group_array(DISTINCT rp.permission) FROM user_roles ur \
@@ -73,7 +73,57 @@ fn user_from_row(row: &SqliteRow) -> Result<User, StoreError> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         password_changed_at: row.try_get("password_changed_at")?,
+        authz_version: u64::try_from(row.try_get::<i64, _>("authz_version")?)
+            .map_err(|_| StoreError::Corrupt("authz_version".into()))?,
     })
+}
+
+/// Enabled users whose roles grant the admin permission. (The write transaction
+/// every caller holds serializes the changes that could remove the last one.)
+async fn count_admins(conn: &mut SqliteConnection) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(DISTINCT u.id) FROM users u \
+         JOIN user_roles ur ON ur.user_id = u.id \
+         JOIN role_permissions rp ON rp.role_name = ur.role_name \
+         WHERE rp.permission = ?1 AND NOT u.disabled",
+    )
+    .bind(ADMIN_PERMISSION)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Fails the transaction with `LastAdmin` when it would take the service from
+/// some administrators to none.
+async fn refuse_no_admins_left(conn: &mut SqliteConnection, before: i64) -> Result<(), StoreError> {
+    if before > 0 && count_admins(conn).await? == 0 {
+        return Err(StoreError::LastAdmin);
+    }
+    Ok(())
+}
+
+/// Raises the authorization version of every user holding `role`; returns their
+/// new versions.
+async fn bump_role_holders(
+    conn: &mut SqliteConnection,
+    role: &str,
+) -> Result<Vec<AuthzVersion>, StoreError> {
+    let rows: Vec<(Hyphenated, i64)> = sqlx::query_as(
+        "UPDATE users SET authz_version = authz_version + 1 \
+         WHERE id IN (SELECT user_id FROM user_roles WHERE role_name = ?1) \
+         RETURNING id, authz_version",
+    )
+    .bind(role)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|(user_id, version)| {
+            Ok(AuthzVersion {
+                user_id: user_id.into_uuid(),
+                version: u64::try_from(version)
+                    .map_err(|_| StoreError::Corrupt("authz_version".into()))?,
+            })
+        })
+        .collect()
 }
 
 fn role_from_row(row: &SqliteRow) -> Result<Role, StoreError> {
@@ -305,9 +355,13 @@ impl IdentityStore for SqlitePool {
         audit: &AuditEvent,
     ) -> Result<User, StoreError> {
         let mut tx = self.begin_with(BEGIN_WRITE).await?;
-        // Always runs (even for a roles-only update): it proves the user exists and
-        // bumps updated_at.
-        let updated = sqlx::query(
+        let before = fetch_user(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        let admins = if update.roles.is_some() || update.disabled == Some(true) {
+            Some(count_admins(&mut tx).await?)
+        } else {
+            None
+        };
+        sqlx::query(
             "UPDATE users SET \
                  email = CASE WHEN ?2 THEN ?3 ELSE email END, \
                  disabled = COALESCE(?4, disabled), \
@@ -325,21 +379,33 @@ impl IdentityStore for SqlitePool {
         .execute(&mut *tx)
         .await
         .map_err(conflict)?;
-        if updated.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
         if let Some(roles) = &update.roles {
             check_roles_exist(&mut tx, roles).await?;
             set_user_roles(&mut tx, id, roles).await?;
         }
+        let mut user = fetch_user(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        if user.changes_authorization_of(&before) || update.password_hash.is_some() {
+            let version: i64 = sqlx::query_scalar(
+                "UPDATE users SET authz_version = authz_version + 1 WHERE id = ?1 \
+                 RETURNING authz_version",
+            )
+            .bind(id.hyphenated())
+            .fetch_one(&mut *tx)
+            .await?;
+            user.authz_version =
+                u64::try_from(version).map_err(|_| StoreError::Corrupt("authz_version".into()))?;
+        }
+        if let Some(admins) = admins {
+            refuse_no_admins_left(&mut tx, admins).await?;
+        }
         insert_audit(&mut tx, audit).await?;
-        let user = fetch_user(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
         tx.commit().await?;
         Ok(user)
     }
 
     async fn delete_user(&self, id: Uuid, audit: &AuditEvent) -> Result<(), StoreError> {
         let mut tx = self.begin_with(BEGIN_WRITE).await?;
+        let admins = count_admins(&mut tx).await?;
         let deleted = sqlx::query("DELETE FROM users WHERE id = ?1")
             .bind(id.hyphenated())
             .execute(&mut *tx)
@@ -347,21 +413,27 @@ impl IdentityStore for SqlitePool {
         if deleted.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
+        refuse_no_admins_left(&mut tx, admins).await?;
         insert_audit(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    async fn replace_password_hash(&self, id: Uuid, password_hash: &str) -> Result<(), StoreError> {
-        let updated = sqlx::query("UPDATE users SET password_hash = ?2 WHERE id = ?1")
-            .bind(id.hyphenated())
-            .bind(password_hash)
-            .execute(self)
-            .await?;
-        if updated.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
+    async fn replace_password_hash(
+        &self,
+        id: Uuid,
+        expected: &str,
+        password_hash: &str,
+    ) -> Result<bool, StoreError> {
+        // Only over the hash the caller verified (see the PostgreSQL version).
+        let updated =
+            sqlx::query("UPDATE users SET password_hash = ?3 WHERE id = ?1 AND password_hash = ?2")
+                .bind(id.hyphenated())
+                .bind(expected)
+                .bind(password_hash)
+                .execute(self)
+                .await?;
+        Ok(updated.rows_affected() == 1)
     }
 
     async fn create_first_user(
@@ -451,30 +523,46 @@ impl IdentityStore for SqlitePool {
         name: &str,
         update: &RoleUpdate,
         audit: &AuditEvent,
-    ) -> Result<Role, StoreError> {
+    ) -> Result<(Role, Vec<AuthzVersion>), StoreError> {
         let mut tx = self.begin_with(BEGIN_WRITE).await?;
-        let updated =
-            sqlx::query("UPDATE roles SET description = COALESCE(?2, description) WHERE name = ?1")
-                .bind(name)
-                .bind(update.description.as_deref())
-                .execute(&mut *tx)
-                .await?;
-        if updated.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
+        let before = fetch_role(&mut tx, name)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let admins = match update.permissions {
+            Some(_) => Some(count_admins(&mut tx).await?),
+            None => None,
+        };
+        sqlx::query("UPDATE roles SET description = COALESCE(?2, description) WHERE name = ?1")
+            .bind(name)
+            .bind(update.description.as_deref())
+            .execute(&mut *tx)
+            .await?;
+        let mut bumped = Vec::new();
         if let Some(permissions) = &update.permissions {
             set_role_permissions(&mut tx, name, permissions).await?;
+            if distinct_sorted(permissions.clone()) != before.permissions {
+                bumped = bump_role_holders(&mut tx, name).await?;
+            }
+        }
+        if let Some(admins) = admins {
+            refuse_no_admins_left(&mut tx, admins).await?;
         }
         insert_audit(&mut tx, audit).await?;
         let role = fetch_role(&mut tx, name)
             .await?
             .ok_or(StoreError::NotFound)?;
         tx.commit().await?;
-        Ok(role)
+        Ok((role, bumped))
     }
 
-    async fn delete_role(&self, name: &str, audit: &AuditEvent) -> Result<(), StoreError> {
+    async fn delete_role(
+        &self,
+        name: &str,
+        audit: &AuditEvent,
+    ) -> Result<Vec<AuthzVersion>, StoreError> {
         let mut tx = self.begin_with(BEGIN_WRITE).await?;
+        let admins = count_admins(&mut tx).await?;
+        let bumped = bump_role_holders(&mut tx, name).await?;
         // Cascades to its permissions and assignments (the pool turns foreign keys
         // on for every connection).
         let deleted = sqlx::query("DELETE FROM roles WHERE name = ?1")
@@ -484,21 +572,35 @@ impl IdentityStore for SqlitePool {
         if deleted.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
+        refuse_no_admins_left(&mut tx, admins).await?;
         insert_audit(&mut tx, audit).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(bumped)
     }
 
     async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
         insert_audit(&mut *self.acquire().await?, event).await
     }
 
-    async fn recent_audit(&self, limit: u32) -> Result<Vec<StoredAuditEvent>, StoreError> {
+    async fn audit_events(&self, q: &AuditQuery) -> Result<Vec<StoredAuditEvent>, StoreError> {
         sqlx::query(
             "SELECT id, occurred_at, kind, user_id, username, client_ip, outcome, detail \
-             FROM audit_events ORDER BY id DESC LIMIT ?1",
+             FROM audit_events \
+             WHERE (?1 IS NULL OR user_id = ?1) \
+               AND (?2 IS NULL OR kind = ?2) \
+               AND (?3 IS NULL OR outcome = ?3) \
+               AND (?4 IS NULL OR occurred_at >= ?4) \
+               AND (?5 IS NULL OR occurred_at < ?5) \
+               AND (?6 IS NULL OR id < ?6) \
+             ORDER BY id DESC LIMIT ?7",
         )
-        .bind(i64::from(limit))
+        .bind(q.user_id.map(|id| id.hyphenated()))
+        .bind(q.kind.as_deref())
+        .bind(q.outcome.as_deref())
+        .bind(q.since.map(timestamp))
+        .bind(q.until.map(timestamp))
+        .bind(q.before_id)
+        .bind(i64::from(q.limit))
         .fetch_all(self)
         .await?
         .iter()
@@ -517,6 +619,26 @@ impl IdentityStore for SqlitePool {
             })
         })
         .collect()
+    }
+
+    async fn prune_audit(
+        &self,
+        before: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<Option<u64>, StoreError> {
+        // One process; the write lock keeps each batch short.
+        let mut tx = self.begin_with(BEGIN_WRITE).await?;
+        let deleted = sqlx::query(
+            "DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events \
+             WHERE occurred_at < ?1 ORDER BY id LIMIT ?2)",
+        )
+        .bind(timestamp(before))
+        .bind(i64::from(batch))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(Some(deleted))
     }
 
     async fn load_configuration(&self) -> Result<Vec<(String, serde_json::Value)>, StoreError> {

@@ -192,9 +192,19 @@ impl KeyRing {
         };
         let pkcs8 = open(&self.kek, &key.kid, &key.private_key_encrypted)
             .map_err(|_| unusable("cannot decrypt (wrong AUTH_KEY_ENCRYPTION_KEY?)"))?;
+        // The public half is derived from the sealed private half, never taken
+        // from its column: the AEAD binds the private key to its kid, but the
+        // public key column is bound to nothing, and whoever could write the table
+        // (without the key-encryption key) could otherwise put a key of theirs
+        // there, and verification would accept tokens they sign.
+        let public_key = public_key_of(&key.algorithm, &pkcs8)
+            .ok_or_else(|| unusable("the private key does not parse"))?;
+        if public_key != key.public_key {
+            tracing::error!(kid = %key.kid, "the stored public key does not belong to the sealed private key (tampering?); using the one derived from the private key");
+        }
         let (algorithm, encoding, decoding, jwk) = match key.algorithm.as_str() {
             "EdDSA" => {
-                let x = URL_SAFE_NO_PAD.encode(&key.public_key);
+                let x = URL_SAFE_NO_PAD.encode(&public_key);
                 (
                     Algorithm::EdDSA,
                     EncodingKey::from_ed_der(&pkcs8),
@@ -204,11 +214,11 @@ impl KeyRing {
             }
             "ES256" => {
                 // Uncompressed SEC1 point: 0x04 || X (32 bytes) || Y (32 bytes).
-                if key.public_key.len() != 65 || key.public_key[0] != 4 {
+                if public_key.len() != 65 || public_key[0] != 4 {
                     return Err(unusable("bad public key"));
                 }
-                let x = URL_SAFE_NO_PAD.encode(&key.public_key[1..33]);
-                let y = URL_SAFE_NO_PAD.encode(&key.public_key[33..]);
+                let x = URL_SAFE_NO_PAD.encode(&public_key[1..33]);
+                let y = URL_SAFE_NO_PAD.encode(&public_key[33..]);
                 (
                     Algorithm::ES256,
                     EncodingKey::from_ec_der(&pkcs8),
@@ -233,31 +243,23 @@ impl KeyRing {
     /// A new key of the configured algorithm, sealed for storage.
     pub fn generate(&self, activates_at: DateTime<Utc>) -> Result<StoredKey, KeyError> {
         let rng = SystemRandom::new();
-        let (name, pkcs8, public_key) = match self.algorithm {
-            Algorithm::ES256 => {
-                let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-                    .map_err(|_| KeyError::Crypto("key generation"))?;
-                let pair =
-                    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, doc.as_ref(), &rng)
-                        .map_err(|_| KeyError::Crypto("key generation"))?;
-                (
-                    "ES256",
-                    doc.as_ref().to_vec(),
-                    pair.public_key().as_ref().to_vec(),
-                )
-            }
-            _ => {
-                let doc = Ed25519KeyPair::generate_pkcs8(&rng)
-                    .map_err(|_| KeyError::Crypto("key generation"))?;
-                let pair = Ed25519KeyPair::from_pkcs8(doc.as_ref())
-                    .map_err(|_| KeyError::Crypto("key generation"))?;
-                (
-                    "EdDSA",
-                    doc.as_ref().to_vec(),
-                    pair.public_key().as_ref().to_vec(),
-                )
-            }
+        let (name, pkcs8) = match self.algorithm {
+            Algorithm::ES256 => (
+                "ES256",
+                EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                    .map_err(|_| KeyError::Crypto("key generation"))?
+                    .as_ref()
+                    .to_vec(),
+            ),
+            _ => (
+                "EdDSA",
+                Ed25519KeyPair::generate_pkcs8(&rng)
+                    .map_err(|_| KeyError::Crypto("key generation"))?
+                    .as_ref()
+                    .to_vec(),
+            ),
         };
+        let public_key = public_key_of(name, &pkcs8).ok_or(KeyError::Crypto("key generation"))?;
         let mut id = [0u8; 12];
         rng.fill(&mut id).map_err(|_| KeyError::Crypto("random"))?;
         let kid = URL_SAFE_NO_PAD.encode(id);
@@ -328,6 +330,24 @@ impl KeyRing {
         }
         self.reload(db).await?;
         Ok(added)
+    }
+}
+
+/// The public key of a PKCS#8 private key of `algorithm` (`EdDSA`: the raw 32
+/// bytes; `ES256`: the uncompressed SEC1 point), as stored beside it.
+fn public_key_of(algorithm: &str, pkcs8: &[u8]) -> Option<Vec<u8>> {
+    match algorithm {
+        "EdDSA" => Ed25519KeyPair::from_pkcs8(pkcs8)
+            .ok()
+            .map(|pair| pair.public_key().as_ref().to_vec()),
+        "ES256" => EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            pkcs8,
+            &SystemRandom::new(),
+        )
+        .ok()
+        .map(|pair| pair.public_key().as_ref().to_vec()),
+        _ => None,
     }
 }
 

@@ -3,7 +3,9 @@
 //! Verification pins the algorithm to the key named by `kid` — never the one the
 //! token header claims — so `alg: none` and HMAC-with-the-public-key confusion
 //! cannot pass; it checks `iss`, `aud`, `exp` and `nbf` with one second of leeway
-//! for clock differences between replicas. Tokens seen before are answered from
+//! for clock differences between replicas, and the explicit type `at+jwt` (RFC
+//! 9068, RFC 8725 §3.11), so no other kind of JWT signed with our keys can pass
+//! for an access token. Tokens seen before are answered from
 //! [`cache::VerifiedTokens`], which re-checks the time claims and the key.
 
 pub mod cache;
@@ -40,6 +42,12 @@ pub struct Claims {
     pub username: String,
     pub roles: Vec<String>,
     pub permissions: Vec<String>,
+    /// The user's authorization version when the token was minted: a change of
+    /// roles, permissions, password or the disabled flag raises the user's
+    /// version, and validation refuses tokens minted under an older one.
+    /// Absent only in tokens minted before it existed (read as 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authz_ver: Option<u64>,
 }
 
 impl Claims {
@@ -63,7 +71,19 @@ pub struct Subject<'a> {
     pub username: &'a str,
     pub roles: &'a [String],
     pub permissions: &'a [String],
+    /// See [`Claims::authz_ver`].
+    pub authz_version: u64,
 }
+
+/// The JWT `typ` of access tokens (RFC 9068 §2.1).
+pub const ACCESS_TOKEN_TYPE: &str = "at+jwt";
+
+/// Tokens minted by releases before [`ACCESS_TOKEN_TYPE`] say `typ: JWT` and carry
+/// no `authz_ver`. They are accepted while a rolling update may still have such
+/// releases minting them (a 401 for a valid token is what the service exists to
+/// avoid), and only if issued before this instant (2027-01-01T00:00:00Z, Unix s);
+/// after it no such token can pass. Remove with the next release after that day.
+const LEGACY_TYPE_ISSUED_BEFORE: i64 = 1_798_761_600;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
@@ -128,8 +148,10 @@ impl AccessTokens {
             username: subject.username.to_owned(),
             roles: subject.roles.to_vec(),
             permissions: subject.permissions.to_vec(),
+            authz_ver: Some(subject.authz_version),
         };
         let mut header = Header::new(key.algorithm);
+        header.typ = Some(ACCESS_TOKEN_TYPE.to_owned());
         header.kid = Some(key.kid.clone());
         let token = jsonwebtoken::encode(&header, &claims, &key.encoding)
             .map_err(|_| TokenError::Signing)?;
@@ -167,6 +189,16 @@ impl AccessTokens {
         set: &KeySet,
     ) -> Result<(Claims, String), TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
+        let typed = match header.typ.as_deref() {
+            Some(t)
+                if t.eq_ignore_ascii_case(ACCESS_TOKEN_TYPE)
+                    || t.eq_ignore_ascii_case("application/at+jwt") =>
+            {
+                true
+            }
+            Some("JWT") => false,
+            _ => return Err(TokenError::Invalid),
+        };
         let kid = header.kid.ok_or(TokenError::Invalid)?;
         let key = set.get(&kid).ok_or(TokenError::UnknownKey)?;
         if header.alg != key.algorithm {
@@ -178,9 +210,13 @@ impl AccessTokens {
             .iter()
             .find(|v| v.algorithms == [key.algorithm])
             .ok_or(TokenError::Invalid)?;
-        jsonwebtoken::decode::<Claims>(token, &key.decoding, validation)
-            .map(|data| (data.claims, kid))
-            .map_err(|_| TokenError::Invalid)
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, validation)
+            .map_err(|_| TokenError::Invalid)?
+            .claims;
+        if !typed && (claims.authz_ver.is_some() || claims.iat >= LEGACY_TYPE_ISSUED_BEFORE) {
+            return Err(TokenError::Invalid);
+        }
+        Ok((claims, kid))
     }
 }
 
@@ -238,6 +274,7 @@ mod tests {
                     username: "alice",
                     roles: &roles,
                     permissions: &permissions,
+                    authz_version: 0,
                 },
                 900,
             )
@@ -302,6 +339,7 @@ mod tests {
             username: String::new(),
             roles: Vec::new(),
             permissions: Vec::new(),
+            authz_ver: None,
         };
         let now = 1_000;
         assert!(within_lifetime(&claims(1_000, 1_000), now));

@@ -3,6 +3,8 @@
 //! These are the domain types shared by the HTTP layer and the stores; the
 //! storage interface is [`crate::store::IdentityStore`].
 
+use std::fmt;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -36,6 +38,51 @@ pub fn validate_username(username: &str) -> Result<String, FieldError> {
             message: "must be 1 to 64 letters, digits or . _ @ + -".into(),
         })
     }
+}
+
+/// The one form a username is compared in: usernames are ASCII (see
+/// [`validate_username`]) and case-insensitive, so lower-cased with ASCII rules,
+/// the same in every store and lockout key whatever the locale. None for a name
+/// that breaks the username rules: no account can have it, so a login with it is
+/// refused without a lookup (a Unicode lookalike such as `ADMİN` never reaches a
+/// database whose `lower()` might fold it into `admin`).
+pub fn login_name(username: &str) -> Option<String> {
+    validate_username(username)
+        .ok()
+        .map(|name| name.to_ascii_lowercase())
+}
+
+/// Role and permission names: 1 to 128 printable ASCII characters without a
+/// comma (they travel comma-separated in `X-Auth-Roles`). Returns them sorted,
+/// without duplicates.
+pub fn validate_names(field: &'static str, names: &[String]) -> Result<Vec<String>, FieldError> {
+    let mut out = Vec::with_capacity(names.len());
+    for n in names {
+        let ok =
+            (1..=128).contains(&n.len()) && n.chars().all(|c| c.is_ascii_graphic() && c != ',');
+        if !ok {
+            return Err(FieldError {
+                field,
+                message: format!("{n:?} is not a valid name"),
+            });
+        }
+        if !out.contains(n) {
+            out.push(n.clone());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A role's description: at most 1024 bytes.
+pub fn validate_description(description: &str) -> Result<(), FieldError> {
+    if description.len() > 1024 {
+        return Err(FieldError {
+            field: "description",
+            message: "must be at most 1024 bytes".into(),
+        });
+    }
+    Ok(())
 }
 
 /// An optional email: empty means none; otherwise a plausible address.
@@ -80,17 +127,58 @@ pub struct User {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub password_changed_at: DateTime<Utc>,
+    /// Raised by every change of what the user may do (see
+    /// [`crate::store::IdentityStore`]); tokens carry it. Internal: not shown.
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub authz_version: u64,
+}
+
+impl User {
+    /// Whether `self` may do other things than `before` did: other roles,
+    /// permissions, or the disabled flag flipped.
+    pub fn changes_authorization_of(&self, before: &User) -> bool {
+        self.roles != before.roles
+            || self.permissions != before.permissions
+            || self.disabled != before.disabled
+    }
+}
+
+/// A user's authorization version after a change (see [`User::authz_version`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthzVersion {
+    pub user_id: Uuid,
+    pub version: u64,
+}
+
+/// Stands in for a secret (a token, a password hash) in `Debug` output, so a
+/// `{:?}` in a log line or a panic message cannot leak one.
+pub struct Redacted;
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
 }
 
 /// A user with the PHC hash, for login only.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Credentials {
     pub user: User,
     pub password_hash: String,
 }
 
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password_hash", &Redacted)
+            .finish()
+    }
+}
+
 /// What creating a user needs; the password is already hashed.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NewUser {
     pub username: String,
     pub email: Option<String>,
@@ -98,14 +186,39 @@ pub struct NewUser {
     pub roles: Vec<String>,
 }
 
+impl fmt::Debug for NewUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewUser")
+            .field("username", &self.username)
+            .field("email", &self.email)
+            .field("password_hash", &Redacted)
+            .field("roles", &self.roles)
+            .finish()
+    }
+}
+
 /// A partial update; `None` leaves a field alone.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct UserUpdate {
     /// `Some(None)` clears the email.
     pub email: Option<Option<String>>,
     pub disabled: Option<bool>,
     pub roles: Option<Vec<String>>,
     pub password_hash: Option<String>,
+}
+
+impl fmt::Debug for UserUpdate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserUpdate")
+            .field("email", &self.email)
+            .field("disabled", &self.disabled)
+            .field("roles", &self.roles)
+            .field(
+                "password_hash",
+                &self.password_hash.as_ref().map(|_| Redacted),
+            )
+            .finish()
+    }
 }
 
 /// A role and the permissions it grants.
@@ -176,6 +289,21 @@ impl AuditEvent {
         self.detail = detail;
         self
     }
+}
+
+/// Which audit events to read: every filter optional, newest first from
+/// `before_id` (exclusive).
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub user_id: Option<Uuid>,
+    pub kind: Option<String>,
+    pub outcome: Option<String>,
+    /// Inclusive.
+    pub since: Option<DateTime<Utc>>,
+    /// Exclusive.
+    pub until: Option<DateTime<Utc>>,
+    pub before_id: Option<i64>,
+    pub limit: u32,
 }
 
 /// A stored audit event, as read back.

@@ -160,7 +160,7 @@ async fn admin_api_guards_and_validates() {
         .json()
         .await
         .unwrap();
-    let kinds: Vec<&str> = audit
+    let kinds: Vec<&str> = audit["events"]
         .as_array()
         .unwrap()
         .iter()

@@ -141,7 +141,7 @@ async fn cli_create_user_takes_the_password_from_stdin_and_the_user_can_log_in()
         .await
         .unwrap();
     assert!(
-        audit
+        audit["events"]
             .as_array()
             .unwrap()
             .iter()

@@ -132,7 +132,6 @@ async fn embedded_mode_starts_with_no_configuration() {
     assert_eq!(health["status"], "healthy");
     assert_eq!(health["components"]["redis"]["mode"], "embedded");
     assert!(dir.path().join("data").join("auth.db").exists());
-    // The generated administrator can log in with the password printed once.
     signal(&child.0, "TERM");
     let mut child = child;
     let status = child.0.wait().unwrap();
@@ -146,10 +145,14 @@ async fn embedded_mode_starts_with_no_configuration() {
         .read_to_string(&mut stderr)
         .unwrap();
     assert!(stderr.contains("embedded mode"), "{stderr}");
+    // The generated password is in a file of its own, never on stderr.
     assert!(
-        stderr.contains("created administrator `admin` with password: "),
+        stderr.contains("created administrator `admin`; its password is in"),
         "{stderr}"
     );
+    let password =
+        std::fs::read_to_string(dir.path().join("data").join("initial-admin-password")).unwrap();
+    assert!(!stderr.contains(password.trim()), "{stderr}");
 }
 
 #[tokio::test]

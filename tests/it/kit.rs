@@ -503,3 +503,46 @@ impl Drop for PrivateCluster {
         }
     }
 }
+
+/// Sets runtime configuration `key` in the shared database and makes each of
+/// `apps` apply it now (they would within a second or two anyway).
+pub async fn set_config(apps: &[&TestApp], key: &str, value: serde_json::Value) {
+    use auth_service::store::IdentityStore;
+    let first = apps.first().expect("at least one app");
+    first
+        .state
+        .db
+        .set_configuration(
+            key,
+            &value,
+            &auth_service::users::AuditEvent::new("test", "success"),
+        )
+        .await
+        .unwrap();
+    for app in apps {
+        app.state.runtime.refresh(&app.state.db).await.unwrap();
+    }
+}
+
+/// Makes `config` believe `X-Forwarded-For` from loopback, so a test can speak for
+/// a client IP of its own (see [`client_ip`]) instead of sharing 127.0.0.1's
+/// failed-login budget with every other test of the run.
+pub fn trusting_loopback(mut config: Config) -> Config {
+    config.trusted_proxies =
+        Config::from_lookup(|name| (name == "AUTH_TRUSTED_PROXIES").then(|| "127.0.0.1/32".into()))
+            .unwrap()
+            .trusted_proxies;
+    config
+}
+
+/// A client IP of the documentation range that no other test uses.
+pub fn client_ip() -> String {
+    let id = uuid::Uuid::new_v4();
+    let b = id.as_bytes();
+    format!(
+        "2001:db8:{:x}:{:x}:{:x}::1",
+        u16::from_be_bytes([b[0], b[1]]),
+        u16::from_be_bytes([b[2], b[3]]),
+        u16::from_be_bytes([b[4], b[5]])
+    )
+}

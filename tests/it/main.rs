@@ -10,6 +10,7 @@ mod cli;
 mod client;
 mod foundation;
 mod hostile;
+mod security;
 mod sessions;
 mod storage;
 mod tokens;

@@ -8,7 +8,10 @@ use std::{collections::BTreeSet, time::Duration};
 use auth_service::{
     config::Config,
     store::{Database, IdentityStore, StoreError, StoredKey},
-    users::{AuditEvent, NewUser, Role, RoleUpdate, UserUpdate},
+    users::{
+        AuditEvent, AuditQuery, AuthzVersion, NewUser, Role, RoleUpdate, StoredAuditEvent,
+        UserUpdate,
+    },
 };
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -78,6 +81,9 @@ on_both_backends!(
     configuration_changes_move_the_version,
     signing_keys_are_added_only_over_the_expected_newest,
     the_first_user_is_created_once,
+    the_last_administrator_stays,
+    authorization_versions_rise_with_every_change_of_privilege,
+    audit_events_filter_page_and_prune,
 );
 
 fn new_user(username: &str, email: Option<&str>, roles: &[&str]) -> NewUser {
@@ -99,6 +105,19 @@ fn role(name: &str, permissions: &[&str]) -> Role {
 
 fn audit(kind: &'static str) -> AuditEvent {
     AuditEvent::new(kind, "success")
+}
+
+/// The newest `limit` audit events.
+async fn recent(
+    store: &impl IdentityStore,
+    limit: u32,
+) -> Result<Vec<StoredAuditEvent>, StoreError> {
+    store
+        .audit_events(&AuditQuery {
+            limit,
+            ..Default::default()
+        })
+        .await
 }
 
 fn strings(items: &[&str]) -> Vec<String> {
@@ -308,15 +327,29 @@ async fn updates_apply_field_by_field(store: &impl IdentityStore) {
         new_hash
     );
 
-    // A rehash on login replaces the hash and nothing else.
+    // A rehash on login replaces the hash it verified and nothing else ...
     let upgraded_hash = HASH.replace("m=19456", "m=65536");
-    store
-        .replace_password_hash(user.id, &upgraded_hash)
+    assert!(store
+        .replace_password_hash(user.id, &new_hash, &upgraded_hash)
         .await
-        .unwrap();
+        .unwrap());
     let credentials = store.find_credentials("grace").await.unwrap().unwrap();
     assert_eq!(credentials.password_hash, upgraded_hash);
     assert_eq!(credentials.user, rehashed);
+    // ... and never a hash set since (a reset landing during the rehash).
+    assert!(!store
+        .replace_password_hash(user.id, &new_hash, HASH)
+        .await
+        .unwrap());
+    assert_eq!(
+        store
+            .find_credentials("grace")
+            .await
+            .unwrap()
+            .unwrap()
+            .password_hash,
+        upgraded_hash
+    );
 
     // A refused update changes nothing, not even the fields that were fine.
     let err = store
@@ -358,11 +391,10 @@ async fn updates_apply_field_by_field(store: &impl IdentityStore) {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound), "{err:?}");
-    let err = store
-        .replace_password_hash(missing, HASH)
+    assert!(!store
+        .replace_password_hash(missing, HASH, HASH)
         .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+        .unwrap());
 }
 
 async fn deleted_users_are_gone(store: &impl IdentityStore) {
@@ -533,8 +565,8 @@ async fn roles_and_their_permissions(store: &impl IdentityStore) {
         .unwrap();
     assert_eq!(user.permissions, strings(&["doc:read", "doc:write"]));
 
-    // Description only: permissions stay.
-    let described = store
+    // Description only: permissions stay, and no holder's authorization changes.
+    let (described, bumped) = store
         .update_role(
             "editor",
             &RoleUpdate {
@@ -547,8 +579,10 @@ async fn roles_and_their_permissions(store: &impl IdentityStore) {
         .unwrap();
     assert_eq!(described.description, "edits");
     assert_eq!(described.permissions, created.permissions);
-    // Permissions replaced; the user's permissions follow at once.
-    let replaced = store
+    assert!(bumped.is_empty());
+    // Permissions replaced; the user's permissions follow at once, and the
+    // holders' authorization versions rise.
+    let (replaced, bumped) = store
         .update_role(
             "editor",
             &RoleUpdate {
@@ -563,10 +597,16 @@ async fn roles_and_their_permissions(store: &impl IdentityStore) {
         (replaced.description.as_str(), replaced.permissions.clone()),
         ("edits", strings(&["doc:publish"]))
     );
+    let holder = store.get_user(user.id).await.unwrap().unwrap();
+    assert_eq!(holder.permissions, strings(&["doc:publish"]));
     assert_eq!(
-        store.get_user(user.id).await.unwrap().unwrap().permissions,
-        strings(&["doc:publish"])
+        bumped,
+        [AuthzVersion {
+            user_id: user.id,
+            version: user.authz_version + 1
+        }]
     );
+    assert_eq!(holder.authz_version, user.authz_version + 1);
     let err = store
         .update_role("nobody", &RoleUpdate::default(), &audit("role.updated"))
         .await
@@ -574,10 +614,12 @@ async fn roles_and_their_permissions(store: &impl IdentityStore) {
     assert!(matches!(err, StoreError::NotFound), "{err:?}");
 
     // Deleting a role takes it from its users, and its permissions with it.
-    store
+    let bumped = store
         .delete_role("editor", &audit("role.deleted"))
         .await
         .unwrap();
+    assert_eq!(bumped.len(), 1);
+    assert_eq!(bumped[0].version, holder.authz_version + 1);
     assert_eq!(store.get_role("editor").await.unwrap(), None);
     let user = store.get_user(user.id).await.unwrap().unwrap();
     assert!(
@@ -650,7 +692,7 @@ async fn mutations_are_audited_in_their_transaction(store: &impl IdentityStore) 
         .await
         .unwrap();
 
-    let events = store.recent_audit(100).await.unwrap();
+    let events = recent(store, 100).await.unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(
         kinds,
@@ -690,7 +732,7 @@ async fn mutations_are_audited_in_their_transaction(store: &impl IdentityStore) 
     // The events outlive the user.
     assert_eq!(events[1].user_id, Some(user.id));
 
-    assert_eq!(store.recent_audit(2).await.unwrap().len(), 2);
+    assert_eq!(recent(store, 2).await.unwrap().len(), 2);
 
     // An event about someone else (the acting administrator) is kept as it was.
     let by_admin = AuditEvent::new("user.created", "success").username("root");
@@ -698,7 +740,7 @@ async fn mutations_are_audited_in_their_transaction(store: &impl IdentityStore) 
         .create_user(&new_user("lee", None, &[]), &by_admin)
         .await
         .unwrap();
-    let event = &store.recent_audit(1).await.unwrap()[0];
+    let event = &recent(store, 1).await.unwrap()[0];
     assert_eq!(
         (event.user_id, event.username.as_deref()),
         (None, Some("root"))
@@ -762,7 +804,10 @@ async fn configuration_changes_move_the_version(store: &impl IdentityStore) {
         ]
     );
     let kinds: Vec<String> = store
-        .recent_audit(10)
+        .audit_events(&AuditQuery {
+            limit: 10,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_iter()
@@ -864,7 +909,7 @@ async fn the_first_user_is_created_once(store: &impl IdentityStore) {
         .unwrap();
     assert_eq!(again, None);
     assert_eq!(store.count_users().await.unwrap(), 1);
-    let event = &store.recent_audit(1).await.unwrap()[0];
+    let event = &recent(store, 1).await.unwrap()[0];
     assert_eq!(
         (event.kind.as_str(), event.user_id),
         ("user.bootstrapped", Some(first.id))
@@ -920,4 +965,259 @@ async fn sqlite_first_user_created_once_by_concurrent_pools() {
     let replicas = [open(), open(), open()];
     replicas[0].migrate().await.unwrap();
     first_user_created_once_by_concurrent_replicas(replicas).await;
+}
+
+/// A change that would take the service from some administrators to none is
+/// refused, whichever way it goes; with none to begin with, nothing is refused.
+async fn the_last_administrator_stays(store: &impl IdentityStore) {
+    let plain = store
+        .create_user(&new_user("pat", None, &[]), &audit("user.created"))
+        .await
+        .unwrap();
+    // No administrator yet: nothing to protect.
+    store
+        .update_user(
+            plain.id,
+            &UserUpdate {
+                disabled: Some(true),
+                ..Default::default()
+            },
+            &audit("user.updated"),
+        )
+        .await
+        .unwrap();
+    store
+        .create_role(&role("admin", &["auth:admin"]), &audit("role.created"))
+        .await
+        .unwrap();
+    let root = store
+        .create_user(&new_user("root", None, &["admin"]), &audit("user.created"))
+        .await
+        .unwrap();
+    let last_admin = |r: Result<_, StoreError>| {
+        assert!(matches!(r, Err(StoreError::LastAdmin)), "{:?}", r.err());
+    };
+    last_admin(
+        store
+            .update_user(
+                root.id,
+                &UserUpdate {
+                    disabled: Some(true),
+                    ..Default::default()
+                },
+                &audit("user.updated"),
+            )
+            .await
+            .map(|_| ()),
+    );
+    last_admin(
+        store
+            .update_user(
+                root.id,
+                &UserUpdate {
+                    roles: Some(Vec::new()),
+                    ..Default::default()
+                },
+                &audit("user.updated"),
+            )
+            .await
+            .map(|_| ()),
+    );
+    last_admin(store.delete_user(root.id, &audit("user.deleted")).await);
+    last_admin(
+        store
+            .update_role(
+                "admin",
+                &RoleUpdate {
+                    description: None,
+                    permissions: Some(strings(&["docs:read"])),
+                },
+                &audit("role.updated"),
+            )
+            .await
+            .map(|_| ()),
+    );
+    last_admin(
+        store
+            .delete_role("admin", &audit("role.deleted"))
+            .await
+            .map(|_| ()),
+    );
+    // Nothing of the refused changes stuck, their audit events included.
+    let root_now = store.get_user(root.id).await.unwrap().unwrap();
+    assert_eq!(root_now, root);
+    assert!(recent(store, 100)
+        .await
+        .unwrap()
+        .iter()
+        .all(|e| e.kind != "user.deleted" && e.kind != "role.deleted"));
+    // Changes that keep an administrator go through.
+    store
+        .update_user(
+            root.id,
+            &UserUpdate {
+                email: Some(Some("root@example.com".into())),
+                ..Default::default()
+            },
+            &audit("user.updated"),
+        )
+        .await
+        .unwrap();
+    let deputy = store
+        .create_user(
+            &new_user("deputy", None, &["admin"]),
+            &audit("user.created"),
+        )
+        .await
+        .unwrap();
+    store
+        .update_user(
+            root.id,
+            &UserUpdate {
+                disabled: Some(true),
+                ..Default::default()
+            },
+            &audit("user.updated"),
+        )
+        .await
+        .unwrap();
+    last_admin(store.delete_user(deputy.id, &audit("user.deleted")).await);
+}
+
+async fn authorization_versions_rise_with_every_change_of_privilege(store: &impl IdentityStore) {
+    store
+        .create_role(&role("viewer", &["docs:read"]), &audit("role.created"))
+        .await
+        .unwrap();
+    let user = store
+        .create_user(&new_user("quinn", None, &[]), &audit("user.created"))
+        .await
+        .unwrap();
+    assert_eq!(user.authz_version, 0);
+    let update = |update: UserUpdate| async move {
+        store
+            .update_user(user.id, &update, &audit("user.updated"))
+            .await
+            .unwrap()
+            .authz_version
+    };
+    let email = || UserUpdate {
+        email: Some(Some("quinn@example.com".into())),
+        ..Default::default()
+    };
+    let roles = |r: &[&str]| UserUpdate {
+        roles: Some(strings(r)),
+        ..Default::default()
+    };
+    let disabled = |d| UserUpdate {
+        disabled: Some(d),
+        ..Default::default()
+    };
+    assert_eq!(update(email()).await, 0, "an email is no privilege");
+    assert_eq!(update(roles(&["viewer"])).await, 1);
+    assert_eq!(update(roles(&["viewer"])).await, 1, "the same roles again");
+    assert_eq!(update(disabled(false)).await, 1, "not a change");
+    assert_eq!(update(disabled(true)).await, 2);
+    assert_eq!(
+        update(UserUpdate {
+            password_hash: Some(HASH.into()),
+            ..Default::default()
+        })
+        .await,
+        3,
+        "even the same hash: the password was set"
+    );
+    let credentials = store.find_credentials("QUINN").await.unwrap().unwrap();
+    assert_eq!(credentials.user.authz_version, 3);
+}
+
+async fn audit_events_filter_page_and_prune(store: &impl IdentityStore) {
+    let alice = uuid::Uuid::new_v4();
+    let events = [
+        AuditEvent::new("login", "failure").user(alice, "alice"),
+        AuditEvent::new("login", "success").user(alice, "alice"),
+        AuditEvent::new("login", "failure").username("ghost"),
+        AuditEvent::new("logout", "success").user(alice, "alice"),
+        AuditEvent::new("login", "failure").user(alice, "alice"),
+    ];
+    for event in &events {
+        store.record_audit(event).await.unwrap();
+    }
+    let query = |q: AuditQuery| async move { store.audit_events(&q).await.unwrap() };
+    let kinds = |events: &[StoredAuditEvent]| {
+        events
+            .iter()
+            .map(|e| format!("{}:{}", e.kind, e.outcome))
+            .collect::<Vec<_>>()
+    };
+    let all = query(AuditQuery {
+        limit: 10,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        kinds(&all),
+        [
+            "login:failure",
+            "logout:success",
+            "login:failure",
+            "login:success",
+            "login:failure"
+        ]
+    );
+    let alice_failures = query(AuditQuery {
+        user_id: Some(alice),
+        kind: Some("login".into()),
+        outcome: Some("failure".into()),
+        limit: 10,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(alice_failures.len(), 2);
+    // A page after the newest event (the cursor is an id, exclusive).
+    let page = query(AuditQuery {
+        before_id: Some(all[0].id),
+        limit: 2,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(kinds(&page), ["logout:success", "login:failure"]);
+    let now = Utc::now();
+    let later = query(AuditQuery {
+        since: Some(now + chrono::Duration::minutes(1)),
+        limit: 10,
+        ..Default::default()
+    })
+    .await;
+    assert!(later.is_empty());
+    let earlier = query(AuditQuery {
+        until: Some(now - chrono::Duration::minutes(1)),
+        limit: 10,
+        ..Default::default()
+    })
+    .await;
+    assert!(earlier.is_empty());
+
+    // Pruning: the oldest first, in batches, nothing newer than the cut.
+    assert_eq!(
+        store
+            .prune_audit(now - chrono::Duration::minutes(1), 2)
+            .await
+            .unwrap(),
+        Some(0)
+    );
+    assert_eq!(
+        store
+            .prune_audit(now + chrono::Duration::minutes(1), 2)
+            .await
+            .unwrap(),
+        Some(2)
+    );
+    let left = query(AuditQuery {
+        limit: 10,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(left.len(), 3);
+    assert_eq!(left.last().map(|e| e.id), Some(all[2].id));
 }

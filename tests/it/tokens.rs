@@ -239,9 +239,26 @@ async fn password_change_ends_other_sessions() {
         change(kit::PASSWORD, new).send().await.unwrap().status(),
         204
     );
-    assert_eq!(kit::validate_status(&app, token).await, 200);
+    // Tokens minted before the change stop validating, the caller's too; the
+    // caller's session goes on with its next refresh, the others' are ended.
+    assert_eq!(kit::validate_status(&app, token).await, 401);
     assert_eq!(
         kit::validate_status(&app, other["access_token"].as_str().unwrap()).await,
+        401
+    );
+    let renewed: Value = refresh(&app, keep["refresh_token"].as_str().unwrap())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        kit::validate_status(&app, renewed["access_token"].as_str().unwrap()).await,
+        200
+    );
+    assert_eq!(
+        refresh(&app, other["refresh_token"].as_str().unwrap())
+            .await
+            .status(),
         401
     );
     let r = app
@@ -259,6 +276,7 @@ fn sign(app: &TestApp, claims: &Value, kid: Option<&str>) -> String {
     let keys = app.state.tokens.keys.keys();
     let key = keys.signing_key(chrono::Utc::now()).unwrap();
     let mut header = jsonwebtoken::Header::new(key.algorithm);
+    header.typ = Some("at+jwt".into());
     header.kid = Some(kid.unwrap_or(&key.kid).to_owned());
     jsonwebtoken::encode(&header, claims, &key.encoding).unwrap()
 }
