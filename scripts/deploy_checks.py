@@ -18,6 +18,7 @@ Each check prints one line; the exit status is the number of failures (capped).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import sys
 from pathlib import Path
@@ -212,6 +213,19 @@ def check_env(report: Report, render: str, objs: list[dict], container: dict, co
     problems += [f"{h} is set but never expanded into an AUTH_ variable" for h in sorted(helpers - used)]
     problems = list(dict.fromkeys(problems))
     report.check(not problems, f"{render}: $(VAR) references resolve, helper variables are used", "; ".join(problems))
+
+    # Behind an ingress every client would otherwise share the ingress's IP, and
+    # with it one failed-login budget.
+    proxies = [p.strip() for p in config.get("AUTH_TRUSTED_PROXIES", "").split(",") if p.strip()]
+    bad = []
+    for p in proxies:
+        try:
+            ipaddress.ip_network(p, strict=False)
+        except ValueError:
+            bad.append(p)
+    report.check(bool(proxies) and not bad,
+                 f"{render}: AUTH_TRUSTED_PROXIES names the ingress's CIDRs ({', '.join(proxies) or 'unset'})",
+                 f"not CIDRs: {', '.join(bad)}" if bad else "unset")
 
     for var, default in (("AUTH_SHUTDOWN_DELAY", DEFAULT_SHUTDOWN_DELAY), ("AUTH_DRAIN_TIMEOUT", DEFAULT_DRAIN_TIMEOUT)):
         value = config.get(var, default)
