@@ -63,6 +63,10 @@ pub struct Services {
     pub hasher: Arc<PasswordHasher>,
     pub tokens: Arc<AccessTokens>,
     pub refresh_tokens: RefreshTokens,
+    /// Places for attempts waiting their turn in a client IP's slow lane (see
+    /// `auth::admit_ip`): bounded, so that many IPs over their limits cannot
+    /// hold the request slots every other request needs.
+    pub slow_lane: tokio::sync::Semaphore,
     pub lifecycle: Arc<Lifecycle>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<HealthCache>,
@@ -84,6 +88,10 @@ pub enum StartupError {
     #[error("key-encryption key file in AUTH_DATA_DIR: {0}")]
     KeyFile(std::io::Error),
 }
+
+/// Attempts a replica lets wait in client IPs' slow lanes at once; beyond it they
+/// are refused (429) at once rather than hold a request slot for seconds.
+const SLOW_LANE_WAITERS: usize = 64;
 
 /// A built, not yet running, instance.
 pub struct Application {
@@ -156,6 +164,7 @@ impl Application {
             hasher,
             tokens,
             refresh_tokens,
+            slow_lane: tokio::sync::Semaphore::new(SLOW_LANE_WAITERS),
             lifecycle: Arc::new(Lifecycle::new()),
             metrics,
             health: Arc::new(HealthCache::default()),

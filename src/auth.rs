@@ -168,7 +168,13 @@ fn lockout_policy(policy: &RuntimeConfig) -> LockoutPolicy {
 async fn admit_ip(state: &AppState, ip: &str, lockout: LockoutPolicy) -> Result<(), AuthError> {
     match state.sessions.ip_admission(ip, now_ms(), lockout).await? {
         IpAdmission::Now => Ok(()),
+        IpAdmission::After(0) => Ok(()),
         IpAdmission::After(wait_ms) => {
+            // A waiting attempt holds a request slot: only so many may wait.
+            let Ok(_place) = state.slow_lane.try_acquire() else {
+                state.metrics.lockouts.with_label_values(&["ip"]).inc();
+                return Err(AuthError::Locked(ms_to_seconds_ceil(wait_ms)));
+            };
             state.metrics.ip_slowed.inc();
             tokio::time::sleep(Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0))).await;
             Ok(())

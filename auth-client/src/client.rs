@@ -23,6 +23,11 @@ use crate::{
 /// hundred bytes; the service has the same limit).
 const MAX_TOKEN_LEN: usize = 8192;
 
+/// Tokens of service releases before 2026-12 say `typ: JWT`; they pass only if
+/// issued before 2027-01-01T00:00:00Z (Unix s), so that a rolling update of the
+/// service refuses none that is still valid, and none minted later can pass.
+const LEGACY_TYPE_ISSUED_BEFORE: i64 = 1_798_761_600;
+
 /// How [`AuthClient::validate`] (and so the layer and the extractor) decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ValidationMode {
@@ -270,6 +275,19 @@ impl AuthClient {
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| Error::invalid(InvalidReason::Malformed))?;
+        // Explicitly typed (RFC 9068 §4): no other kind of JWT signed with the
+        // service's keys passes for an access token. `JWT` is what releases of the
+        // service before 2026-12 put there; see `LEGACY_TYPE_ISSUED_BEFORE`.
+        let typed = match header.typ.as_deref() {
+            Some(t)
+                if t.eq_ignore_ascii_case("at+jwt")
+                    || t.eq_ignore_ascii_case("application/at+jwt") =>
+            {
+                true
+            }
+            Some("JWT") => false,
+            _ => return Err(Error::invalid(InvalidReason::WrongType)),
+        };
         let kid = header.kid.ok_or(Error::invalid(InvalidReason::Malformed))?;
         let resolved = self.inner.keys.resolve(&kid).await?;
         if header.alg != resolved.key.algorithm {
@@ -281,7 +299,7 @@ impl AuthClient {
         validation.set_issuer(&[&*resolved.issuer]);
         validation.set_audience(&[&self.inner.audience]);
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
-        jsonwebtoken::decode::<Claims>(token, &resolved.key.key, &validation)
+        let claims = jsonwebtoken::decode::<Claims>(token, &resolved.key.key, &validation)
             .map(|data| data.claims)
             .map_err(|e| {
                 Error::invalid(match e.kind() {
@@ -293,7 +311,11 @@ impl AuthClient {
                     ErrorKind::InvalidAlgorithm => InvalidReason::AlgorithmMismatch,
                     _ => InvalidReason::Malformed,
                 })
-            })
+            })?;
+        if !typed && claims.iat >= LEGACY_TYPE_ISSUED_BEFORE {
+            return Err(Error::invalid(InvalidReason::WrongType));
+        }
+        Ok(claims)
     }
 
     /// Asks the service (`GET /v1/auth/validate`), which also checks that the

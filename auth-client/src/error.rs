@@ -90,6 +90,8 @@ pub enum InvalidReason {
     NotYetValid,
     WrongIssuer,
     WrongAudience,
+    /// The header's `typ` is not `at+jwt` (RFC 9068): another kind of JWT.
+    WrongType,
     /// The service said no (remote validation): revoked session, disabled user,
     /// or any of the reasons above.
     Rejected,
@@ -106,6 +108,7 @@ impl fmt::Display for InvalidReason {
             Self::Expired => "expired",
             Self::NotYetValid => "not yet valid",
             Self::WrongIssuer => "wrong issuer",
+            Self::WrongType => "not an access token (typ is not at+jwt)",
             Self::WrongAudience => "wrong audience",
             Self::Rejected => "rejected by the auth service",
         })

@@ -68,10 +68,15 @@ fn claims(nbf: i64, exp: i64) -> Claims {
     }
 }
 
-fn token_with(kid: &str, claims: &Claims) -> String {
+fn token_typed(typ: Option<&str>, kid: &str, claims: &Claims) -> String {
     let mut header = Header::new(Algorithm::EdDSA);
+    header.typ = typ.map(str::to_owned);
     header.kid = Some(kid.into());
     jsonwebtoken::encode(&header, claims, &signing_key()).unwrap()
+}
+
+fn token_with(kid: &str, claims: &Claims) -> String {
+    token_typed(Some("at+jwt"), kid, claims)
 }
 
 fn token() -> String {
@@ -230,6 +235,49 @@ async fn local_validation_checks_time_claims_with_the_leeway() {
         Err(Error::InvalidToken(InvalidReason::Malformed))
     );
     assert_eq!(fake.fetches(), 1);
+}
+
+#[tokio::test]
+async fn only_access_tokens_pass_local_validation() {
+    let fake = fake().await;
+    let client = fake.client().build().unwrap();
+    let t = now();
+    let current = claims(t, t + 600);
+    for typ in ["at+jwt", "application/at+jwt"] {
+        assert!(client
+            .validate_local(&token_typed(Some(typ), "k1", &current))
+            .await
+            .is_ok());
+    }
+    for typ in [Some("id+jwt"), Some("dpop+jwt"), None] {
+        assert_eq!(
+            client
+                .validate_local(&token_typed(typ, "k1", &current))
+                .await,
+            Err(Error::InvalidToken(InvalidReason::WrongType)),
+            "{typ:?}"
+        );
+    }
+    // The service's releases before 2026-12 typed theirs `JWT`: accepted while
+    // such tokens can still be alive, never when issued later.
+    let legacy = Claims {
+        iat: 1_798_761_599,
+        ..current.clone()
+    };
+    assert!(client
+        .validate_local(&token_typed(Some("JWT"), "k1", &legacy))
+        .await
+        .is_ok());
+    let late = Claims {
+        iat: 1_798_761_600,
+        ..current
+    };
+    assert_eq!(
+        client
+            .validate_local(&token_typed(Some("JWT"), "k1", &late))
+            .await,
+        Err(Error::InvalidToken(InvalidReason::WrongType))
+    );
 }
 
 #[tokio::test]

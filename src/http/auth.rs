@@ -139,7 +139,7 @@ pub async fn register(
 pub struct RefreshRequest {
     /// The refresh token of the last pair; it is used up by this call.
     #[schema(
-        example = "rt1.8c5b0a1de0ae4e5b9f8f6e07d4c1a2b3.0f1e2d3c4b5a49687766554433221100.q8Jd0n3kR1nB3Vd1mZ0wA9sT5yU2xE7cL4hG6fP8oIk"
+        example = "rt2.8c5b0a1de0ae4e5b9f8f6e07d4c1a2b3.0f1e2d3c4b5a49687766554433221100.BwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyAhIiMkJSYnKCkqKywtLi8wMTIzNDU2Nzg5Ojs8PT4_QEFCQ0RFRg"
     )]
     pub refresh_token: String,
 }

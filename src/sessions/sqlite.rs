@@ -226,8 +226,10 @@ impl SessionStore for SqliteSessions {
         if now_ms - last_used_at >= TOUCH_INTERVAL_MS {
             // Guarded on the value read: if a rotation or another check touched
             // (or a revocation deleted) the row in between, this changes nothing,
-            // which is the outcome of this check having run first.
-            sqlx::query(
+            // which is the outcome of this check having run first. A touch the
+            // busy write lock held up is not a reason to refuse a live session:
+            // the idle timer moves at the next check instead.
+            let touched = sqlx::query(
                 "UPDATE sessions SET last_used_at = ?3, idle_expires_at = min(?4, expires_at) \
                  WHERE id = ?1 AND user_id = ?2 AND last_used_at = ?5",
             )
@@ -237,7 +239,10 @@ impl SessionStore for SqliteSessions {
             .bind(now_ms.saturating_add(idle_ms))
             .bind(last_used_at)
             .execute(&self.pool)
-            .await?;
+            .await;
+            if let Err(e) = touched {
+                tracing::debug!(error = %e, "session idle timer not moved this time");
+            }
         }
         Ok(Some(to_u64(version.unwrap_or(0), "authorization version")?))
     }

@@ -350,6 +350,46 @@ mod tests {
     }
 
     #[test]
+    fn only_typed_access_tokens_verify_save_the_previous_releases() {
+        let tokens = tokens();
+        let (_, mut claims) = issue(&tokens);
+        let keys = tokens.keys.keys();
+        let key = keys.signing_key(Utc::now()).unwrap();
+        let sign = |typ: Option<&str>, claims: &Claims| {
+            let mut header = Header::new(key.algorithm);
+            header.typ = typ.map(str::to_owned);
+            header.kid = Some(key.kid.clone());
+            jsonwebtoken::encode(&header, claims, &key.encoding).unwrap()
+        };
+        assert!(tokens.verify(&sign(Some("at+jwt"), &claims)).is_ok());
+        assert!(tokens
+            .verify(&sign(Some("application/at+jwt"), &claims))
+            .is_ok());
+        for typ in [Some("id+jwt"), Some("JOSE"), None] {
+            assert_eq!(
+                tokens.verify(&sign(typ, &claims)),
+                Err(TokenError::Invalid),
+                "{typ:?}"
+            );
+        }
+        // `JWT` with an authorization version: minted by this release, so not one
+        // of the previous release's tokens.
+        assert_eq!(
+            tokens.verify(&sign(Some("JWT"), &claims)),
+            Err(TokenError::Invalid)
+        );
+        // The previous release's shape: no version, issued before the cut-off.
+        claims.authz_ver = None;
+        claims.iat = LEGACY_TYPE_ISSUED_BEFORE - 1;
+        assert!(tokens.verify(&sign(Some("JWT"), &claims)).is_ok());
+        claims.iat = LEGACY_TYPE_ISSUED_BEFORE;
+        assert_eq!(
+            tokens.verify(&sign(Some("JWT"), &claims)),
+            Err(TokenError::Invalid)
+        );
+    }
+
+    #[test]
     fn the_cache_stays_bounded() {
         let tokens = tokens();
         let (_, claims) = issue(&tokens);

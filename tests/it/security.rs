@@ -105,7 +105,24 @@ async fn client_chosen_http_methods_cannot_add_metric_series() {
 async fn a_demoted_administrator_loses_the_admin_api_at_once_on_every_replica() {
     let url = kit::fresh_database().await;
     let apps = kit::replicas(2, || kit::postgres_config(&url)).await;
-    let (a, b) = (&apps[0], &apps[1]);
+    demoted_administrators_lose_the_admin_api(&apps).await;
+    for app in apps {
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_demoted_administrator_loses_the_admin_api_at_once_in_embedded_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let apps = [TestApp::spawn(kit::embedded_config(dir.path())).await];
+    demoted_administrators_lose_the_admin_api(&apps).await;
+    let [app] = apps;
+    app.stop().await;
+}
+
+/// Through `apps[0]` and the last of `apps` (the same instance in embedded mode).
+async fn demoted_administrators_lose_the_admin_api(apps: &[TestApp]) {
+    let (a, b) = (&apps[0], &apps[apps.len() - 1]);
     let root = kit::admin_token(a).await;
 
     // Roles taken away from the user.
@@ -171,9 +188,6 @@ async fn a_demoted_administrator_loses_the_admin_api_at_once_on_every_replica() 
     assert_eq!(admin_get(b, &renewed).await, 403);
     // The administrator who made the changes was not affected.
     assert_eq!(admin_get(b, &root).await, 200);
-    for app in apps {
-        app.stop().await;
-    }
 }
 
 // 3 -------------------------------------------------------------------------
@@ -440,11 +454,24 @@ async fn a_unicode_lookalike_of_a_locked_username_gets_no_budget_of_its_own() {
 
 #[tokio::test]
 async fn a_session_older_than_a_password_change_cannot_refresh_or_validate() {
-    use auth_service::store::IdentityStore;
     let url = kit::fresh_database().await;
     let app = TestApp::spawn(kit::postgres_config(&url)).await;
-    let user = kit::create_user(&app, &[]).await;
-    let pair = kit::login(&app, &user).await;
+    sessions_older_than_a_password_change_end(&app).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_older_than_a_password_change_cannot_refresh_in_embedded_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::spawn(kit::embedded_config(dir.path())).await;
+    sessions_older_than_a_password_change_end(&app).await;
+    app.stop().await;
+}
+
+async fn sessions_older_than_a_password_change_end(app: &TestApp) {
+    use auth_service::store::IdentityStore;
+    let user = kit::create_user(app, &[]).await;
+    let pair = kit::login(app, &user).await;
     // A reset whose session revocation never ran (Redis blipped after the commit),
     // or a login that raced it: the password changes under the session.
     let id: uuid::Uuid = user_id(&access(&pair)).parse().unwrap();
@@ -468,14 +495,14 @@ async fn a_session_older_than_a_password_change_cannot_refresh_or_validate() {
         )
         .await
         .unwrap();
-    let r = refresh(&app, pair["refresh_token"].as_str().unwrap()).await;
+    let r = refresh(app, pair["refresh_token"].as_str().unwrap()).await;
     assert_eq!(r.status(), 401, "a session older than the reset refreshed");
 
     // Through the API: the caller keeps its session, but tokens minted before the
     // change stop validating, and the caller's next refresh is fresh.
-    let user = kit::create_user(&app, &[]).await;
-    let mine = kit::login(&app, &user).await;
-    let other = kit::login(&app, &user).await;
+    let user = kit::create_user(app, &[]).await;
+    let mine = kit::login(app, &user).await;
+    let other = kit::login(app, &user).await;
     let r = app
         .post("/v1/auth/password")
         .bearer_auth(access(&mine))
@@ -484,21 +511,20 @@ async fn a_session_older_than_a_password_change_cannot_refresh_or_validate() {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
-    assert_eq!(kit::validate_status(&app, &access(&mine)).await, 401);
-    assert_eq!(kit::validate_status(&app, &access(&other)).await, 401);
+    assert_eq!(kit::validate_status(app, &access(&mine)).await, 401);
+    assert_eq!(kit::validate_status(app, &access(&other)).await, 401);
     assert_eq!(
-        refresh(&app, other["refresh_token"].as_str().unwrap())
+        refresh(app, other["refresh_token"].as_str().unwrap())
             .await
             .status(),
         401
     );
-    let r = refresh(&app, mine["refresh_token"].as_str().unwrap()).await;
+    let r = refresh(app, mine["refresh_token"].as_str().unwrap()).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
-        kit::validate_status(&app, &access(&r.json().await.unwrap())).await,
+        kit::validate_status(app, &access(&r.json().await.unwrap())).await,
         200
     );
-    app.stop().await;
 }
 
 // 9 -------------------------------------------------------------------------
@@ -701,26 +727,34 @@ async fn embedded_data_files_are_readable_by_the_owner_only() {
 async fn a_refresh_token_replayed_after_many_rotations_still_revokes_the_session() {
     let dir = tempfile::tempdir().unwrap();
     let app = TestApp::spawn(kit::embedded_config(dir.path())).await;
-    let user = kit::create_user(&app, &[]).await;
-    let first = kit::login(&app, &user).await;
+    replayed_refresh_tokens_revoke(&app).await;
+    app.stop().await;
+    let url = kit::fresh_database().await;
+    let app = TestApp::spawn(kit::postgres_config(&url)).await;
+    replayed_refresh_tokens_revoke(&app).await;
+    app.stop().await;
+}
+
+async fn replayed_refresh_tokens_revoke(app: &TestApp) {
+    let user = kit::create_user(app, &[]).await;
+    let first = kit::login(app, &user).await;
     let stolen = first["refresh_token"].as_str().unwrap().to_owned();
     let mut current = stolen.clone();
     for _ in 0..20 {
-        let r = refresh(&app, &current).await;
+        let r = refresh(app, &current).await;
         assert_eq!(r.status(), 200);
         current = r.json::<Value>().await.unwrap()["refresh_token"]
             .as_str()
             .unwrap()
             .to_owned();
     }
-    assert_eq!(refresh(&app, &stolen).await.status(), 401);
-    let r = refresh(&app, &current).await;
+    assert_eq!(refresh(app, &stolen).await.status(), 401);
+    let r = refresh(app, &current).await;
     assert_eq!(
         r.status(),
         401,
         "the session survived the replay of a used token"
     );
-    app.stop().await;
 }
 
 // 12 ------------------------------------------------------------------------
@@ -728,13 +762,29 @@ async fn a_refresh_token_replayed_after_many_rotations_still_revokes_the_session
 #[tokio::test]
 async fn the_last_administrator_cannot_be_removed() {
     let url = kit::fresh_database().await;
-    let mut config = kit::postgres_config(&url);
+    let app = TestApp::spawn(with_root(kit::postgres_config(&url))).await;
+    the_last_administrator_stays(&app).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_last_administrator_cannot_be_removed_in_embedded_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::spawn(with_root(kit::embedded_config(dir.path()))).await;
+    the_last_administrator_stays(&app).await;
+    app.stop().await;
+}
+
+fn with_root(mut config: auth_service::config::Config) -> auth_service::config::Config {
     config.bootstrap_admin = Some(auth_service::config::BootstrapAdmin {
         username: "root".into(),
         password: secrecy::SecretString::from(kit::PASSWORD),
     });
-    let app = TestApp::spawn(config).await;
-    let token = access(&kit::login(&app, "root").await);
+    config
+}
+
+async fn the_last_administrator_stays(app: &TestApp) {
+    let token = access(&kit::login(app, "root").await);
     let id = user_id(&token);
     let refused = |r: reqwest::Response| async move {
         assert_eq!(r.status(), 409);
@@ -778,7 +828,7 @@ async fn the_last_administrator_cannot_be_removed() {
             .unwrap(),
     )
     .await;
-    assert_eq!(admin_get(&app, &token).await, 200);
+    assert_eq!(admin_get(app, &token).await, 200);
     // With a second administrator, the first may go.
     let r = app
         .post("/v1/admin/users")
@@ -796,7 +846,6 @@ async fn the_last_administrator_cannot_be_removed() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    app.stop().await;
 }
 
 // 13 ------------------------------------------------------------------------
