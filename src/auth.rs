@@ -196,8 +196,44 @@ async fn record_ip_failure(state: &AppState, ip: Option<&str>) {
     }
 }
 
-/// Usernames and passwords longer than this are refused before any lookup or hash.
-const MAX_USERNAME_LEN: usize = 256;
+/// Reserves one password attempt for `subject` (see
+/// `SessionStore::reserve_attempt`): the lockout it started, if any, or `Locked`.
+async fn reserve_attempt(
+    state: &AppState,
+    subject: &str,
+    lockout: LockoutPolicy,
+) -> Result<Option<i64>, AuthError> {
+    match state
+        .sessions
+        .reserve_attempt(subject, now_ms(), lockout)
+        .await?
+    {
+        Attempt::Locked { retry_ms } => Err(AuthError::Locked(ms_to_seconds_ceil(retry_ms))),
+        Attempt::Admitted { lock_ms } => Ok(lock_ms),
+    }
+}
+
+/// Records a wrong password: its audit event and, when the attempt started a
+/// lockout, the lockout's too.
+async fn audit_wrong_password(state: &AppState, event: AuditEvent, lock_started: Option<i64>) {
+    audit(state, event.clone()).await;
+    if let Some(ms) = lock_started {
+        state
+            .metrics
+            .lockouts
+            .with_label_values(&["username"])
+            .inc();
+        audit(
+            state,
+            AuditEvent {
+                kind: "lockout",
+                detail: serde_json::json!({ "lock_seconds": ms_to_seconds_ceil(ms) }),
+                ..event
+            },
+        )
+        .await;
+    }
+}
 
 pub async fn login(
     state: &AppState,
@@ -221,9 +257,6 @@ pub async fn login(
         // Usernames are ASCII and compared case-insensitively, one way everywhere
         // (see `users::login_name`). A name that breaks the rules cannot exist:
         // refused without a lookup, a hash or a counter of its own.
-        if username.len() > MAX_USERNAME_LEN {
-            return Err(AuthError::InvalidCredentials);
-        }
         let Some(name) = users::login_name(username) else {
             return Err(AuthError::InvalidCredentials);
         };
@@ -243,17 +276,8 @@ pub async fn login(
         // Counted under the account, so every spelling of its name shares one
         // budget; reserved before the hash is checked, so concurrent attempts
         // cannot all pass a check that none of them has failed yet.
-        let subject = lockout_subject(credentials.as_ref().map(|c| c.user.id), &name);
-        match state
-            .sessions
-            .reserve_attempt(&subject, now_ms(), lockout)
-            .await?
-        {
-            Attempt::Locked { retry_ms } => {
-                return Err(AuthError::Locked(ms_to_seconds_ceil(retry_ms)))
-            }
-            Attempt::Admitted { lock_ms } => lock_started = lock_ms,
-        }
+        let subject = lockout_subject(account, &name);
+        lock_started = reserve_attempt(state, &subject, lockout).await?;
         let (user, phc) = match credentials {
             Some(c) if !c.user.disabled => (Some(c.user), Some(c.password_hash)),
             _ => (None, None),
@@ -291,19 +315,7 @@ pub async fn login(
                 .ip(client.ip)
                 .username(audited_name(username));
             event.user_id = account;
-            audit(state, event.clone()).await;
-            if let Some(ms) = lock_started {
-                metrics.lockouts.with_label_values(&["username"]).inc();
-                audit(
-                    state,
-                    AuditEvent {
-                        kind: "lockout",
-                        detail: serde_json::json!({ "lock_seconds": ms_to_seconds_ceil(ms) }),
-                        ..event
-                    },
-                )
-                .await;
-            }
+            audit_wrong_password(state, event, lock_started).await;
             return Err(AuthError::InvalidCredentials);
         }
         Err(e) => {
@@ -827,16 +839,7 @@ pub async fn change_password(
     // token does not give unlimited guesses.
     let subject = lockout_subject(Some(user_id), "");
     let lockout = lockout_policy(&state.runtime.get());
-    let lock_started = match state
-        .sessions
-        .reserve_attempt(&subject, now_ms(), lockout)
-        .await?
-    {
-        Attempt::Locked { retry_ms } => {
-            return Err(AuthError::Locked(ms_to_seconds_ceil(retry_ms)))
-        }
-        Attempt::Admitted { lock_ms } => lock_ms,
-    };
+    let lock_started = reserve_attempt(state, &subject, lockout).await?;
     let verification = state
         .hasher
         .verify(current, Some(credentials.password_hash))
@@ -845,23 +848,7 @@ pub async fn change_password(
         let event = AuditEvent::new("password_change", "failure")
             .user(user_id, &claims.username)
             .ip(client.ip);
-        audit(state, event.clone()).await;
-        if let Some(ms) = lock_started {
-            state
-                .metrics
-                .lockouts
-                .with_label_values(&["username"])
-                .inc();
-            audit(
-                state,
-                AuditEvent {
-                    kind: "lockout",
-                    detail: serde_json::json!({ "lock_seconds": ms_to_seconds_ceil(ms) }),
-                    ..event
-                },
-            )
-            .await;
-        }
+        audit_wrong_password(state, event, lock_started).await;
         return Err(AuthError::Invalid(
             "current_password",
             "is not correct".into(),

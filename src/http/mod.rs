@@ -124,41 +124,41 @@ pub fn router(state: AppState) -> Router {
     let config = state.config.clone();
     let (api, forward_auth, probes, doc) = parts();
     let doc = Arc::new(doc);
+    // API routes get a timeout and a concurrency limit (one for all of them)
+    // that sheds load with 503 instead of queueing. Probes stay outside both: an
+    // overloaded replica is not an unready one, and a probe must never wait
+    // behind user traffic.
+    let limits = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(middleware_error))
+        .load_shed()
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            config.max_concurrent_requests,
+        ))
+        .timeout(config.request_timeout);
+    let started = middleware::from_fn_with_state(state.clone(), require_started);
+    let limited = |routes: Router<AppState>| {
+        if routes.has_routes() {
+            routes.layer(limits.clone()).route_layer(started.clone())
+        } else {
+            routes
+        }
+    };
     // CORS only when configured (without it no Access-Control-* header is ever
     // sent, and browsers keep the same-origin policy), and only on the API:
     // never on forward-auth, whose OPTIONS requests are a gateway's check of a
     // browser's request (Envoy forwards the original method), not a preflight.
+    // Outside the limits, so a browser can read their 503s too.
     let api = match &config.cors_origins {
         // The fallback first: a router's method-not-allowed fallback set after a
         // layer is not wrapped by it, and preflights reach the routes through it.
-        Some(origins) => api
-            .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-            .layer(cors(origins))
-            .layer(middleware::from_fn(only_preflights_are_options)),
-        None => api,
+        Some(origins) => {
+            limited(api.method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed }))
+                .layer(cors(origins))
+                .layer(middleware::from_fn(only_preflights_are_options))
+        }
+        None => limited(api),
     };
-    let api = api.merge(forward_auth);
-
-    // API routes get a timeout and a concurrency limit that sheds load with 503
-    // instead of queueing. Probes stay outside both: an overloaded replica is not
-    // an unready one, and a probe must never wait behind user traffic.
-    let api = if !api.has_routes() {
-        api
-    } else {
-        api.layer(
-            ServiceBuilder::new()
-                .layer(HandleErrorLayer::new(middleware_error))
-                .load_shed()
-                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-                    config.max_concurrent_requests,
-                ))
-                .timeout(config.request_timeout),
-        )
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_started,
-        ))
-    };
+    let api = api.merge(limited(forward_auth));
 
     let router = Router::new()
         .merge(api)
