@@ -479,16 +479,10 @@ fn write_initial_password(
     let path = dir.join("initial-admin-password");
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
+    // A file left by an earlier start was made 0600 with the rest of the data
+    // directory (`store::database`), before this runs.
     #[cfg(unix)]
-    {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        options.mode(0o600);
-        let mut file = options.open(&path)?;
-        // An older file keeps its mode through `open`: set it.
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        writeln!(file, "{password}")?;
-    }
-    #[cfg(not(unix))]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     writeln!(options.open(&path)?, "{password}")?;
     Ok(path)
 }

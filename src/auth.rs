@@ -730,21 +730,21 @@ pub async fn logout_all(
 
 /// Creates an account, for registration, the admin API, the CLI and bootstrap
 /// alike: the username and email checked, the password checked against the
-/// policy and hashed, and the user stored together with the audit event `audit`
-/// makes for the checked username.
+/// policy and hashed, the role names checked, and the user stored together with
+/// the audit event `audit` makes for the checked username and roles.
 pub async fn create_user(
     state: &AppState,
     username: &str,
     email: Option<&str>,
     password: SecretString,
     roles: Vec<String>,
-    audit: impl FnOnce(&str) -> AuditEvent,
+    audit: impl FnOnce(&str, &[String]) -> AuditEvent,
 ) -> Result<User, AuthError> {
     let username = users::validate_username(username)?;
     let email = users::validate_email(email)?;
     let roles = users::validate_names("roles", &roles)?;
     let password_hash = hash_new_password(state, password, &username, email.as_deref()).await?;
-    let event = audit(&username);
+    let event = audit(&username, &roles);
     let user = NewUser {
         username,
         email,
@@ -770,11 +770,18 @@ pub async fn register(
     if let Some(ip) = &ip {
         admit_ip(state, ip, lockout_policy(&state.runtime.get())).await?;
     }
-    let created = create_user(state, username, email, password, Vec::new(), |username| {
-        AuditEvent::new("register", "success")
-            .username(username)
-            .ip(client.ip)
-    })
+    let created = create_user(
+        state,
+        username,
+        email,
+        password,
+        Vec::new(),
+        |username, _| {
+            AuditEvent::new("register", "success")
+                .username(username)
+                .ip(client.ip)
+        },
+    )
     .await;
     if let Err(AuthError::Store(StoreError::Conflict(_))) = &created {
         record_ip_failure(state, ip.as_deref()).await;

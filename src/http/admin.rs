@@ -105,20 +105,18 @@ pub async fn create_user(
     Client(client): Client,
     Json(body): Json<CreateUser>,
 ) -> Result<Response, ApiError> {
-    let roles = users::validate_names("roles", &body.roles)?;
-    let detail_roles = roles.clone();
     let user = auth::create_user(
         &state,
         &body.username,
         body.email.as_deref(),
         SecretString::from(body.password),
-        roles,
-        |username| {
+        body.roles,
+        |username, roles| {
             admin_event(
                 "admin_user_create",
                 &admin,
                 &client,
-                serde_json::json!({ "target": username, "roles": detail_roles }),
+                serde_json::json!({ "target": username, "roles": roles }),
             )
         },
     )

@@ -229,10 +229,6 @@ impl From<StoreError> for ApiError {
             };
         }
         match e {
-            StoreError::Unavailable(dep) => Self::Unavailable {
-                what: dep.as_str(),
-                retry_after: 1,
-            },
             StoreError::LastAdmin => Self::LastAdmin,
             StoreError::Conflict(what) => Self::Conflict(format!("already exists ({what})")),
             StoreError::NotFound => Self::NotFound,
